@@ -1,0 +1,3 @@
+from glit_deploy.cli import main
+
+main()

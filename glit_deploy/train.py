@@ -33,6 +33,7 @@ from glit_deploy.checkpoint import load_checkpoint, load_model_weights, save_che
 from glit_deploy.data import DataBundle, load_data, make_loader
 from glit_deploy.errors import CheckpointError, RunError
 from glit_deploy.nn import Supernet, extreme_arch, recalibrate_bn
+from glit_deploy.plots import plot_training_curves
 from glit_deploy.rundir import RunDir
 from glit_deploy.space import Arch, SearchSpace
 
@@ -252,6 +253,8 @@ def _train_supernet(run: RunDir, space: SearchSpace, data_spec: str, cfg: TrainC
                          "config": asdict(cfg), "metrics": last}
                 save_checkpoint(run.supernet, epoch, model.state_dict(), state, {"space": space.name})
                 _append_jsonl(metrics_path, last)
+                if any(k.startswith("val_top1") for k in last):
+                    plot_training_curves(metrics_path, run.supernet / "curves.png")
                 summary = ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k.startswith("val_top1"))
                 console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {last['train_loss']:.4f} {summary}")
             distributed.barrier(ctx)

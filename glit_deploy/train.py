@@ -58,6 +58,7 @@ class TrainConfig:
     workers: int = 0
     calib_batches: int = 8
     eval_every: int = 1
+    split: list[int] | None = None  # train only archs with this global/local split (level-2 fine-tuning)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -68,6 +69,8 @@ class TrainConfig:
 def step_archs(space: SearchSpace, cfg: TrainConfig, epoch: int, step: int) -> list[Arch]:
     """The archs trained at one step: the same on every rank, from (seed, epoch, step) alone."""
     rng = random.Random(f"{cfg.seed}/{epoch}/{step}")
+    if cfg.split is not None:
+        return [space.sample(rng, split=cfg.split) for _ in range(1 + cfg.sandwich * cfg.sandwich_random)]
     if not cfg.sandwich:
         return [space.sample(rng)]
     return [extreme_arch(space, True), extreme_arch(space, False)] + [
@@ -141,21 +144,22 @@ def train_supernet(run: RunDir, space: SearchSpace, data_spec: str, cfg: TrainCo
     """Train the weight-sharing supernet; returns the last epoch's metrics."""
     ctx = distributed.setup(device)
     try:
-        return _train_supernet(run, space, data_spec, cfg, resume, ctx, stop_after_epoch)
+        bundle = load_data(data_spec, space.image_size)
+        if ctx.is_main:
+            prepare_run(run, space, data_spec, bundle, resume)
+            run.record_command("train-supernet", {"space": space.name, "data": data_spec, "resume": resume,
+                                                  "world_size": ctx.world_size, **asdict(cfg)})
+        distributed.barrier(ctx)
+        return train_stage(run.supernet, space, bundle, cfg, resume, ctx, stop_after_epoch)
     finally:
         distributed.teardown(ctx)
 
 
-def _train_supernet(run: RunDir, space: SearchSpace, data_spec: str, cfg: TrainConfig, resume: bool,
-                    ctx: distributed.DistContext, stop_after_epoch: int | None) -> dict[str, Any]:
-    bundle = load_data(data_spec, space.image_size)
-    if ctx.is_main:
-        prepare_run(run, space, data_spec, bundle, resume)
-        run.record_command("train-supernet", {"space": space.name, "data": data_spec, "resume": resume,
-                                              "world_size": ctx.world_size, **asdict(cfg)})
-    distributed.barrier(ctx)
-
-    checkpoint = load_checkpoint(run.supernet) if resume else None
+def train_stage(stage_dir: Path, space: SearchSpace, bundle: DataBundle, cfg: TrainConfig, resume: bool,
+                ctx: distributed.DistContext, stop_after_epoch: int | None = None,
+                init_weights: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    """The training loop, writing checkpoints to `stage_dir` (the supernet, or a fine-tuning stage)."""
+    checkpoint = load_checkpoint(stage_dir) if resume else None
     if checkpoint is not None:
         saved = TrainConfig.from_dict(checkpoint.state.get("config", {}))
         if saved != cfg and ctx.is_main:
@@ -164,7 +168,10 @@ def _train_supernet(run: RunDir, space: SearchSpace, data_spec: str, cfg: TrainC
         cfg = saved
 
     torch.manual_seed(cfg.seed)
-    model = Supernet(space, bundle.num_classes, drop_path_rate=cfg.drop_path).to(ctx.device)
+    model = Supernet(space, bundle.num_classes, drop_path_rate=cfg.drop_path)
+    if init_weights is not None:
+        load_model_weights(model, init_weights, "the initial weights")
+    model = model.to(ctx.device)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = make_loader(bundle.train, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers,
                          drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
@@ -182,15 +189,15 @@ def _train_supernet(run: RunDir, space: SearchSpace, data_spec: str, cfg: TrainC
 
     start_epoch = 0
     if checkpoint is not None:
-        load_model_weights(model, checkpoint.weights, run.supernet)
+        load_model_weights(model, checkpoint.weights, stage_dir)
         try:
             optimizer.load_state_dict(checkpoint.state["optimizer"])
             scheduler.load_state_dict(checkpoint.state["scheduler"])
         except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"training state in {run.supernet} does not fit this run ({exc})") from None
+            raise CheckpointError(f"training state in {stage_dir} does not fit this run ({exc})") from None
         start_epoch = checkpoint.epoch + 1
         if ctx.is_main:
-            console.print(f"resuming {run.path} after epoch {checkpoint.epoch}")
+            console.print(f"resuming {stage_dir} after epoch {checkpoint.epoch}")
 
     train_model: nn.Module = model
     if ctx.enabled:
@@ -201,8 +208,10 @@ def _train_supernet(run: RunDir, space: SearchSpace, data_spec: str, cfg: TrainC
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     distill = SoftTargetCrossEntropy()
-    metrics_path = run.supernet / "metrics.jsonl"
-    largest, smallest = extreme_arch(space, True), extreme_arch(space, False)
+    metrics_path = stage_dir / "metrics.jsonl"
+    probes = {"largest": extreme_arch(space, True), "smallest": extreme_arch(space, False)}
+    if cfg.split is not None:
+        probes = {"split_middle": space.with_split(cfg.split)}
     last: dict[str, Any] = {"epoch": start_epoch - 1}
     with _progress() if ctx.is_main else contextlib.nullcontext() as progress:
         total_steps = (cfg.epochs - start_epoch) * updates_per_epoch
@@ -245,16 +254,16 @@ def _train_supernet(run: RunDir, space: SearchSpace, data_spec: str, cfg: TrainC
                     "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
                     "steps": updates_per_epoch, "world_size": ctx.world_size, "arch_sync_checks": sync_checks}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                for label, arch in (("largest", largest), ("smallest", smallest)):
+                for label, arch in probes.items():
                     last[f"val_top1_{label}"] = evaluate_subnet(
                         model, arch, bundle, cfg.batch_size, cfg.calib_batches, ctx.device, ctx, val_loader)
             if ctx.is_main:
                 state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "config": asdict(cfg), "metrics": last}
-                save_checkpoint(run.supernet, epoch, model.state_dict(), state, {"space": space.name})
+                save_checkpoint(stage_dir, epoch, model.state_dict(), state, {"space": space.name})
                 _append_jsonl(metrics_path, last)
                 if any(k.startswith("val_top1") for k in last):
-                    plot_training_curves(metrics_path, run.supernet / "curves.png")
+                    plot_training_curves(metrics_path, stage_dir / "curves.png")
                 summary = ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k.startswith("val_top1"))
                 console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {last['train_loss']:.4f} {summary}")
             distributed.barrier(ctx)

@@ -23,6 +23,18 @@ def glit(*args: str, check: bool = True, timeout: float = 600, env: dict | None 
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def latency_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One latency-table cache for the whole session (and the CLI subprocesses it starts)."""
+    path = tmp_path_factory.mktemp("glit-cache")
+    os.environ["GLIT_CACHE_DIR"] = str(path)
+    return path
+
+
+# Small but real latency settings for tests: every block configuration is still measured.
+FAST_LATENCY = ["--calibration-models", "4", "--holdout-models", "4", "--warmup", "3", "--runs", "10"]
+
+
 @pytest.fixture(scope="session")
 def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A digits supernet trained with the sandwich rule: shared by the evaluation tests."""

@@ -20,12 +20,20 @@ app = typer.Typer(name="glit", help="GLiT architecture search under measured lat
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 space_app = typer.Typer(help="Inspect the search spaces.", no_args_is_help=True)
 app.add_typer(space_app, name="space")
+latency_app = typer.Typer(help="Latency measured on a deployment target.", no_args_is_help=True)
+app.add_typer(latency_app, name="latency")
 
 out = Console()
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory (runs/NAME).")]
+TargetOpt = Annotated[str, typer.Option(help="ort-cpu, ort-cuda, ort-trt, torch-cpu, torch-cuda or trt "
+                                        "(default: ort-cuda with a GPU, else ort-cpu).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size the latency is measured at.")]
+ThreadsOpt = Annotated[int, typer.Option(min=0, help="Runtime threads (0: every core this process may use).")]
+WarmupOpt = Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")]
+RunsOpt = Annotated[int, typer.Option("--runs", min=1, help="Timed runs per measurement (at least).")]
 
 
 def user_errors(fn: F) -> F:
@@ -166,6 +174,179 @@ def space_sample_cmd(
     arch = space.sample(random.Random(seed))
     arch.save(output, space=space.name)
     out.print(f"wrote {output}: {arch.describe(space.num_heads)}")
+
+
+def _target(name: str, threads: int) -> Any:
+    from glit_deploy.latency import default_target_name, get_target
+
+    return get_target(name or default_target_name(), threads or None)
+
+
+def _protocol(warmup: int, runs: int) -> Any:
+    from glit_deploy.latency import Protocol
+
+    return Protocol(warmup=warmup, runs=runs)
+
+
+@latency_app.command("profile")
+@user_errors
+def latency_profile_cmd(
+    run: RunOpt,
+    target: TargetOpt = "",
+    batch_size: BatchOpt = 1,
+    threads: ThreadsOpt = 0,
+    calibration_models: Annotated[int, typer.Option(min=1, help="Whole models measured to calibrate.")] = 10,
+    holdout_models: Annotated[int, typer.Option(min=1, help="Other whole models measured to report the "
+                                                "error.")] = 20,
+    warmup: WarmupOpt = 10,
+    runs: RunsOpt = 50,
+    cache: Annotated[bool, typer.Option(help="Reuse a table measured before with the same key.")] = True,
+) -> None:
+    """Measure every block configuration on the target, calibrate on whole models, report the error."""
+    from glit_deploy.rundir import RunDir
+    from glit_deploy.search.runner import latency_table_path, run_latency_model
+
+    rundir = RunDir(run)
+    tgt = _target(target, threads)
+    model = run_latency_model(rundir, tgt, batch_size, _protocol(warmup, runs), calibration_models,
+                              holdout_models, use_cache=cache)
+    space = rundir.space()
+    table = Table(title=f"latency model: {tgt.name}, batch {batch_size}", show_header=False)
+    table.add_row("device", f"{model.key['device']} ({model.key['threads']} threads)")
+    table.add_row("table", "cache hit (nothing measured)" if model.cache_hit else
+                  f"measured in {model.build_seconds:.1f} s")
+    table.add_row("block configurations", str(len(model.block_ms)))
+    table.add_row("calibration", f"{model.scale:.4f} x sum of parts {model.offset_ms:+.4f} ms "
+                  f"({len(model.calibration)} models)")
+    lo, hi = model.block_range_ms(space, True), model.block_range_ms(space, False)
+    table.add_row("space spans", f"{lo:.3f} .. {hi:.3f} ms (predicted)")
+    if model.report:
+        r = model.report
+        table.add_row("held-out models", str(r.models))
+        table.add_row("mean abs. error", f"{r.mape:.2f} %")
+        table.add_row("worst error", f"{r.worst:.2f} %")
+        table.add_row("within 5 % / 10 %", f"{100 * r.within_5:.0f} % / {100 * r.within_10:.0f} %")
+        table.add_row("repeat noise", f"{r.noise:.2f} % (two measurements of one model)")
+    table.add_row("written", str(latency_table_path(rundir, tgt.name, batch_size)))
+    out.print(table)
+
+
+def _arch_and_space(run: Path, arch: str) -> tuple[Any, Any, int]:
+    from glit_deploy.archs import resolve_arch
+    from glit_deploy.rundir import RunDir
+
+    rundir = RunDir(run)
+    space = rundir.space()
+    return resolve_arch(arch, space), space, rundir.load_meta()["data"]["num_classes"]
+
+
+@latency_app.command("measure")
+@user_errors
+def latency_measure_cmd(
+    run: RunOpt,
+    arch: Annotated[str, typer.Option(help="ARCH.json, largest, smallest, random:SEED or a named arch.")],
+    target: TargetOpt = "",
+    batch_size: BatchOpt = 1,
+    threads: ThreadsOpt = 0,
+    warmup: WarmupOpt = 10,
+    runs: RunsOpt = 50,
+) -> None:
+    """Measure one whole model end to end on the target."""
+    import torch
+
+    from glit_deploy.nn.model import GLiT
+
+    resolved, space, num_classes = _arch_and_space(run, arch)
+    tgt = _target(target, threads)
+    image = torch.randn(batch_size, space.in_chans, space.image_size, space.image_size)
+    timing = tgt.measure(GLiT(resolved, space, num_classes), image, _protocol(warmup, runs))
+    typer.echo(json.dumps({"target": tgt.name, "batch_size": batch_size, "digest": resolved.digest,
+                           **timing.to_dict()}))
+
+
+@latency_app.command("predict")
+@user_errors
+def latency_predict_cmd(
+    run: RunOpt,
+    arch: Annotated[str, typer.Option(help="ARCH.json, largest, smallest, random:SEED or a named arch.")],
+    target: TargetOpt = "",
+    batch_size: BatchOpt = 1,
+) -> None:
+    """Predict one arch's latency from the run's latency table (no measurement)."""
+    from glit_deploy.latency import LatencyModel, default_target_name
+    from glit_deploy.rundir import RunDir
+    from glit_deploy.search.runner import latency_table_path
+
+    resolved, _, _ = _arch_and_space(run, arch)
+    name = target or default_target_name()
+    model = LatencyModel.load(latency_table_path(RunDir(run), name, batch_size))
+    typer.echo(json.dumps({"target": name, "batch_size": batch_size, "digest": resolved.digest,
+                           "predicted_ms": model.predict_ms(resolved)}))
+
+
+@app.command("search")
+@user_errors
+def search_cmd(
+    run: RunOpt,
+    latency_budget: Annotated[list[str], typer.Option("--latency-budget", help="Budget such as 5ms or 800us; "
+                                                      "repeat for several.")],
+    target: TargetOpt = "",
+    batch_size: BatchOpt = 1,
+    threads: ThreadsOpt = 0,
+    population: Annotated[int, typer.Option(min=2)] = 50,
+    generations: Annotated[int, typer.Option(min=1, help="Generations per level.")] = 20,
+    parents: Annotated[int, typer.Option(min=1)] = 10,
+    mutations: Annotated[int, typer.Option(min=0)] = 25,
+    crossovers: Annotated[int, typer.Option(min=0)] = 25,
+    mutation_prob: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.15,
+    max_params: Annotated[int | None, typer.Option(help="Optional parameter limit.")] = None,
+    max_macs: Annotated[int | None, typer.Option(help="Optional multiply-add limit.")] = None,
+    level2_epochs: Annotated[int, typer.Option(min=0, help="Fine-tune the supernet on the chosen split for N "
+                                               "epochs before level 2.")] = 0,
+    calib_batches: Annotated[int, typer.Option(min=1, help="Batches for BN recalibration per candidate.")] = 8,
+    eval_batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    calibration_models: Annotated[int, typer.Option(min=1)] = 10,
+    holdout_models: Annotated[int, typer.Option(min=1)] = 20,
+    warmup: WarmupOpt = 10,
+    runs: RunsOpt = 50,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="Where candidates are evaluated: auto, cpu or cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue the run's interrupted search.")] = False,
+) -> None:
+    """Two-level evolutionary search under latency budgets measured on the target."""
+    from glit_deploy.rundir import RunDir
+    from glit_deploy.search import SearchConfig, budget_label, parse_latency
+    from glit_deploy.search.runner import search
+
+    budgets = sorted({parse_latency(b) for b in latency_budget})
+    cfg = SearchConfig(population=population, generations=generations, parents=parents, mutations=mutations,
+                       crossovers=crossovers, mutation_prob=mutation_prob, seed=seed, max_params=max_params,
+                       max_macs=max_macs, calib_batches=calib_batches, batch_size=eval_batch_size)
+    summary = search(RunDir(run), budgets, _target(target, threads), batch_size, cfg, resume=resume,
+                     level2_epochs=level2_epochs, protocol=_protocol(warmup, runs),
+                     calibration_models=calibration_models, holdout_models=holdout_models, device=device)
+    if int(__import__("os").environ.get("RANK", "0")) != 0:
+        return
+    table = Table(title=f"search on {summary['target']} (batch {summary['batch_size']}): "
+                  f"{summary['evaluated']} evaluations, {summary['cache_hits']} cache hits, "
+                  f"{summary['seconds']:.0f} s")
+    for column in ("budget", "val top-1", "predicted", "measured", "params", "multiply-adds", "arch file"):
+        table.add_column(column)
+    failed = []
+    for label, result in summary["budgets"].items():
+        if not result.get("digest"):
+            failed.append(f"{label}: {result['error']}")
+            table.add_row(label, "-", "-", "-", "-", "-", result["error"])
+            continue
+        table.add_row(label, f"{result['top1']:.2f} %", f"{result['predicted_ms']:.3f} ms",
+                      f"{result['measured_ms']:.3f} ms", f"{result['params'] / 1e6:.3f} M",
+                      f"{result['macs'] / 1e6:.1f} M", str(Path(run) / "search" / f"best-{label}.json"))
+    out.print(table)
+    out.print(f"Pareto front: {Path(run) / 'search' / 'pareto.png'}")
+    if failed:
+        err.print(Text.assemble(("error: ", "bold red"), "; ".join(failed)), soft_wrap=True)
+        raise typer.Exit(1)
+    del budget_label
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Export of GLiT models (ONNX now; TensorRT and Triton build on it)."""

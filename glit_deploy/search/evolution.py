@@ -1,0 +1,381 @@
+"""The paper's two-level evolutionary search, constrained by latency measured on the target.
+
+Level 1 searches the global/local split of every block with the details at middle values; level 2
+fixes the best split and searches the details. Both levels evolve a population (SPOS/AutoFormer
+style: the top parents survive, children come from mutation and crossover). Fitness is the
+validation top-1 of the inherited-weight subnet after BatchNorm recalibration. Candidates over the
+budget by the latency model are never evaluated, evaluated archs are never evaluated twice, and
+the state is written atomically after every generation so that `--resume` continues exactly.
+The winner of a budget is measured end to end; one measured over its budget is never returned.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from glit_deploy import distributed
+from glit_deploy.errors import GlitError, RunError
+from glit_deploy.latency.table import LatencyModel
+from glit_deploy.nn.counting import arch_cost
+from glit_deploy.rundir import RunDir, atomic_write_json
+from glit_deploy.space import Arch, SearchSpace
+
+console = Console(stderr=True)
+STATE_VERSION = 1
+
+
+def parse_latency(text: str) -> float:
+    """'5ms', '500us', '0.005s' or a bare number of milliseconds -> milliseconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|us|µs|s)?\s*", text)
+    if not match:
+        raise GlitError(f"latency budget '{text}' is not a duration like 5ms, 800us or 0.005s")
+    value = float(match.group(1))
+    ms = value * {"ms": 1.0, None: 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[match.group(2)]
+    if ms <= 0:
+        raise GlitError(f"latency budget '{text}' must be positive")
+    return ms
+
+
+def budget_label(ms: float) -> str:
+    return f"{ms:g}ms"
+
+
+@dataclass
+class SearchConfig:
+    population: int = 50
+    generations: int = 20
+    parents: int = 10
+    mutations: int = 25
+    crossovers: int = 25
+    mutation_prob: float = 0.15
+    seed: int = 0
+    max_params: int | None = None
+    max_macs: int | None = None
+    calib_batches: int = 8
+    batch_size: int = 256
+    winner_candidates: int = 10
+    max_tries: int = 500
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+Evaluator = Callable[[list[Arch]], list[float]]
+Measurer = Callable[[Arch], float]
+
+
+class EvolutionarySearch:
+    """Runs the search for one or more budgets; every step is saved in `search/state.json`."""
+
+    def __init__(self, run: RunDir, space: SearchSpace, num_classes: int, latency: LatencyModel,
+                 budgets_ms: Sequence[float], cfg: SearchConfig, evaluate: Evaluator, measure: Measurer,
+                 ctx: distributed.DistContext | None = None, weights_tag: Callable[[int], str] | None = None,
+                 before_level2: Callable[[tuple[int, ...]], None] | None = None) -> None:
+        self.run, self.space, self.num_classes = run, space, num_classes
+        self.latency, self.cfg = latency, cfg
+        self.budgets = sorted(budgets_ms)
+        self.evaluate_fn, self.measure_fn = evaluate, measure
+        self.ctx = ctx or distributed.DistContext(0, 1, 0, torch.device("cpu"))
+        self.weights_tag = weights_tag or (lambda level: "supernet")
+        self.before_level2 = before_level2
+        self.dir = run.path / "search"
+        self.state_path = self.dir / "state.json"
+        self.state: dict[str, Any] = {}
+        self.rng = random.Random(cfg.seed)
+        self.cache_hits = 0
+
+    # constraints -------------------------------------------------------------------------------
+    def check_budgets(self) -> None:
+        """Fail at once, with the range the space spans, when a budget cannot be met."""
+        lo = self.latency.block_range_ms(self.space, fastest=True)
+        hi = self.latency.block_range_ms(self.space, fastest=False)
+        for budget in self.budgets:
+            if budget < lo:
+                raise GlitError(
+                    f"latency budget {budget_label(budget)} is below the fastest arch of space "
+                    f"'{self.space.name}' on {self.latency.key['target']} at batch {self.latency.key['batch_size']}: "
+                    f"the space spans {lo:.3f} ms .. {hi:.3f} ms (predicted)")
+        if self.cfg.max_params is not None or self.cfg.max_macs is not None:
+            from glit_deploy.nn.counting import extreme_arch
+
+            small = [self.latency.fastest_arch(self.space), extreme_arch(self.space, largest=False)]
+            if not any(self.feasible(a, max(self.budgets)) for a in small):
+                cost = arch_cost(self.space, small[1], self.num_classes)
+                raise GlitError(f"the parameter/multiply-add limits exclude even the smallest arch of the space "
+                                f"({cost.params:,} parameters, {cost.macs:,} multiply-adds)")
+
+    def feasible(self, arch: Arch, budget: float) -> bool:
+        if self.latency.predict_ms(arch) > budget:
+            return False
+        if self.cfg.max_params is None and self.cfg.max_macs is None:
+            return True
+        cost = arch_cost(self.space, arch, self.num_classes)
+        return (self.cfg.max_params is None or cost.params <= self.cfg.max_params) and \
+            (self.cfg.max_macs is None or cost.macs <= self.cfg.max_macs)
+
+    def level1_arch(self, split: tuple[int, ...], budget: float) -> Arch | None:
+        """A split's level-1 candidate: middle details, or its fastest details if those are over budget."""
+        arch = self.space.with_split(split)
+        if self.feasible(arch, budget):
+            return arch
+        fastest = self.latency.fastest_arch(self.space, split)
+        return fastest if self.feasible(fastest, budget) else None
+
+    # population ------------------------------------------------------------------------------
+    def _new_candidates(self, make: Callable[[], Arch | None], count: int, budget: float,
+                        taken: set[str], tag: str) -> list[Arch]:
+        out: list[Arch] = []
+        tries = 0
+        while len(out) < count and tries < self.cfg.max_tries:
+            tries += 1
+            arch = make()
+            if arch is None or arch.digest in taken or not self.feasible(arch, budget):
+                continue
+            if self._cache_key(arch, tag) in self.state["evaluations"]:
+                self.cache_hits += 1  # evaluated already: never twice, look for another
+                continue
+            taken.add(arch.digest)
+            out.append(arch)
+        return out
+
+    def initial_population(self, level: int, budget: float, split: tuple[int, ...] | None) -> list[Arch]:
+        space, rng = self.space, self.rng
+        if level == 1:
+            def make() -> Arch | None:
+                return self.level1_arch(tuple(rng.choice(space.global_heads) for _ in range(space.depth)), budget)
+        else:
+            def make() -> Arch | None:
+                return space.sample(rng, split=split)
+        return self._new_candidates(make, self.cfg.population, budget, set(), self.weights_tag(level))
+
+    def children(self, level: int, budget: float, parents: list[Arch]) -> list[Arch]:
+        space, rng, prob = self.space, self.rng, self.cfg.mutation_prob
+        taken = {p.digest for p in parents}
+        tag = self.weights_tag(level)
+
+        def mutate() -> Arch | None:
+            parent = rng.choice(parents)
+            if level == 1:
+                return self.level1_arch(space.mutate(parent, rng, prob, level="split").split, budget)
+            return space.mutate(parent, rng, prob, level="details")
+
+        def cross() -> Arch | None:
+            if len(parents) < 2:
+                return None
+            a, b = rng.sample(parents, 2)
+            child = space.crossover(a, b, rng)
+            return self.level1_arch(child.split, budget) if level == 1 else child
+
+        kids = self._new_candidates(mutate, self.cfg.mutations, budget, taken, tag)
+        kids += self._new_candidates(cross, self.cfg.crossovers, budget, taken, tag)
+        return kids
+
+    # evaluation ------------------------------------------------------------------------------
+    @staticmethod
+    def _cache_key(arch: Arch, tag: str) -> str:
+        return f"{tag}:{arch.digest}"
+
+    def evaluate(self, archs: list[Arch], level: int) -> list[float]:
+        tag = self.weights_tag(level)
+        evaluations = self.state["evaluations"]
+        todo = [a for a in archs if self._cache_key(a, tag) not in evaluations]
+        self.cache_hits += len(archs) - len(todo)
+        if todo:
+            for arch, top1 in zip(todo, self.evaluate_fn(todo), strict=True):
+                cost = arch_cost(self.space, arch, self.num_classes)
+                evaluations[self._cache_key(arch, tag)] = {
+                    "arch": arch.to_dict(), "top1": top1, "predicted_ms": self.latency.predict_ms(arch),
+                    "params": cost.params, "macs": cost.macs, "weights": tag, "level": level}
+        self.state["evaluated"] += len(todo)
+        return [evaluations[self._cache_key(a, tag)]["top1"] for a in archs]
+
+    # state -----------------------------------------------------------------------------------
+    def _fresh_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "config": asdict(self.cfg), "budgets_ms": self.budgets,
+                "latency_key": self.latency.key, "space_digest": self.space.digest,
+                "evaluations": {}, "history": [], "results": {}, "evaluated": 0, "cache_hits": 0,
+                "cursor": {"budget": 0, "level": 1, "generation": 0}, "population": None, "parents": [],
+                "split": None, "done": False, "seconds": 0.0}
+
+    def _save(self) -> None:
+        self.state["rng"] = _rng_to_json(self.rng.getstate())
+        self.state["cache_hits"] = self.cache_hits
+        if self.ctx.is_main:
+            atomic_write_json(self.state_path, self.state)
+
+    def load_or_start(self, resume: bool) -> None:
+        if self.state_path.exists():
+            if not resume:
+                raise RunError(f"{self.dir} already holds a search; pass --resume to continue it, or move it away")
+            try:
+                state = json.loads(self.state_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise RunError(f"{self.state_path} is corrupt ({exc.msg})") from None
+            if state.get("version") != STATE_VERSION or state.get("budgets_ms") != self.budgets \
+                    or state.get("space_digest") != self.space.digest:
+                raise RunError(f"{self.state_path} belongs to another search (budgets, space or version differ)")
+            if state.get("latency_key") != self.latency.key:
+                raise RunError(f"{self.state_path} was searched with another latency table (target, device, "
+                               "batch size or protocol changed)")
+            self.state = state
+            self.cfg = SearchConfig.from_dict(state["config"])
+            self.rng.setstate(_rng_from_json(state["rng"]))
+            self.cache_hits = state.get("cache_hits", 0)
+            return
+        self.state = self._fresh_state()
+
+    # the search ------------------------------------------------------------------------------
+    def run_search(self, resume: bool = False) -> dict[str, Any]:
+        self.check_budgets()
+        self.load_or_start(resume)
+        started = time.perf_counter() - self.state.get("seconds", 0.0)
+        cursor = self.state["cursor"]
+        with _progress(self.ctx.is_main) as progress:
+            task = progress.add_task("search", total=len(self.budgets) * 2 * self.cfg.generations,
+                                     completed=_steps_done(cursor, self.cfg.generations), info="")
+            while not self.state["done"]:
+                budget = self.budgets[cursor["budget"]]
+                level = cursor["level"]
+                if self.state["population"] is None:
+                    split = tuple(self.state["split"]) if self.state["split"] else None
+                    if level == 2 and self.before_level2 is not None:
+                        self.before_level2(split)
+                    population = self.initial_population(level, budget, split)
+                    if not population:
+                        raise GlitError(f"no arch of the space fits {budget_label(budget)} with the given limits")
+                    self.state["population"] = [a.to_dict() for a in population]
+                    self.state["parents"] = []
+                    self._save()
+                self._generation(budget, level, cursor)
+                self.state["seconds"] = time.perf_counter() - started
+                best = self.state["parents"][0] if self.state["parents"] else None
+                info = ""
+                if best:
+                    info = (f"{budget_label(budget)} L{level} best {best['top1']:.2f}% at {best['predicted_ms']:.3f} ms"
+                            f" | evals {self.state['evaluated']} cache hits {self.cache_hits}")
+                progress.update(task, completed=_steps_done(cursor, self.cfg.generations), info=info)
+                self._save()
+        return self.finish()
+
+    def _generation(self, budget: float, level: int, cursor: dict[str, int]) -> None:
+        population = [Arch.from_dict(a) for a in self.state["population"]]
+        scores = self.evaluate(population, level)
+        tag = self.weights_tag(level)
+        for arch, top1 in zip(population, scores, strict=True):
+            self.state["history"].append({
+                "budget_ms": budget, "level": level, "generation": cursor["generation"], "digest": arch.digest,
+                "top1": top1, "predicted_ms": self.latency.predict_ms(arch), "split": list(arch.split)})
+        pool = {p["digest"]: p for p in self.state["parents"]}
+        for arch in population:
+            entry = self.state["evaluations"][self._cache_key(arch, tag)]
+            pool[arch.digest] = {"digest": arch.digest, **entry}
+        ranked = sorted(pool.values(), key=lambda p: (-p["top1"], p["predicted_ms"], p["digest"]))
+        self.state["parents"] = ranked[: self.cfg.parents]
+        cursor["generation"] += 1
+        if cursor["generation"] < self.cfg.generations:
+            parents = [Arch.from_dict(p["arch"]) for p in self.state["parents"]]
+            kids = self.children(level, budget, parents)
+            # An exhausted neighbourhood still keeps the population alive with fresh samples.
+            if not kids:
+                kids = self.initial_population(level, budget, tuple(self.state["split"] or ()) or None)
+            self.state["population"] = [a.to_dict() for a in kids]
+            if not kids:
+                cursor["generation"] = self.cfg.generations
+        if cursor["generation"] >= self.cfg.generations:
+            self._end_level(budget, level, cursor)
+
+    def _end_level(self, budget: float, level: int, cursor: dict[str, int]) -> None:
+        best = self.state["parents"][0]
+        if level == 1:
+            self.state["split"] = list(Arch.from_dict(best["arch"]).split)
+            self.state.setdefault("level1", {})[budget_label(budget)] = {
+                "split": self.state["split"], "top1": best["top1"], "predicted_ms": best["predicted_ms"]}
+            cursor.update(level=2, generation=0)
+        else:
+            self.state["results"][budget_label(budget)] = self._pick_winner(budget)
+            self.state["split"] = None
+            cursor.update(budget=cursor["budget"] + 1, level=1, generation=0)
+            if cursor["budget"] >= len(self.budgets):
+                self.state["done"] = True
+        self.state["population"] = None
+        self.state["parents"] = []
+
+    def _pick_winner(self, budget: float) -> dict[str, Any]:
+        """The most accurate evaluated arch that is within budget when measured end to end."""
+        measured = self.state.setdefault("measured_ms", {})
+        ranked = sorted((e for e in self.state["evaluations"].values() if e["predicted_ms"] <= budget
+                         and self.feasible(Arch.from_dict(e["arch"]), budget)),
+                        key=lambda e: (-e["top1"], e["predicted_ms"]))
+        rejected = []
+        for entry in ranked[: self.cfg.winner_candidates]:
+            arch = Arch.from_dict(entry["arch"])
+            if arch.digest not in measured:
+                measured[arch.digest] = self.measure_fn(arch)
+            if measured[arch.digest] <= budget:
+                return {**entry, "digest": arch.digest, "measured_ms": measured[arch.digest],
+                        "budget_ms": budget, "rejected_over_budget": rejected}
+            rejected.append({"digest": arch.digest, "top1": entry["top1"], "predicted_ms": entry["predicted_ms"],
+                             "measured_ms": measured[arch.digest]})
+        return {"budget_ms": budget, "digest": None, "rejected_over_budget": rejected,
+                "error": f"none of the {len(rejected)} best candidates measured within {budget_label(budget)}"}
+
+    # outputs ---------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        from glit_deploy.search.pareto import pareto_front, plot_pareto
+
+        summary = {"space": self.space.name, "target": self.latency.key["target"],
+                   "batch_size": self.latency.key["batch_size"], "budgets": self.state["results"],
+                   "level1": self.state.get("level1", {}), "evaluated": self.state["evaluated"],
+                   "cache_hits": self.cache_hits, "seconds": self.state["seconds"],
+                   "config": self.state["config"]}
+        if self.ctx.is_main:
+            points = [{"digest": k.split(":", 1)[1], **v} for k, v in self.state["evaluations"].items()]
+            front = pareto_front(points)
+            atomic_write_json(self.dir / "pareto.json", {"front": front, "points": len(points)})
+            plot_pareto(points, front, self.state["results"], self.dir / "pareto.png")
+            atomic_write_json(self.dir / "history.json", self.state["history"])
+            for label, result in self.state["results"].items():
+                if result.get("digest"):
+                    Arch.from_dict(result["arch"]).save(self.dir / f"best-{label}.json", space=self.space.name,
+                                                        **{k: v for k, v in result.items() if k != "arch"})
+            atomic_write_json(self.dir / "summary.json", summary)
+        return summary
+
+
+def _steps_done(cursor: dict[str, int], generations: int) -> int:
+    return cursor["budget"] * 2 * generations + (cursor["level"] - 1) * generations + cursor["generation"]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled)
+
+
+def _rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(data: list) -> tuple:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)
+
+
+def load_summary(run: RunDir) -> dict[str, Any]:
+    path = run.path / "search" / "summary.json"
+    if not path.exists():
+        raise RunError(f"{run.path} has no finished search (no search/summary.json)")
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,131 @@
+"""Wires the search to a run directory: the supernet, the dataset, the latency model and the target."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from glit_deploy import distributed
+from glit_deploy.checkpoint import load_checkpoint
+from glit_deploy.data import make_loader
+from glit_deploy.latency.measure import Protocol
+from glit_deploy.latency.table import LatencyModel, measure_arch, profile_latency
+from glit_deploy.latency.targets import Target
+from glit_deploy.nn import Supernet
+from glit_deploy.rundir import RunDir
+from glit_deploy.search.evolution import EvolutionarySearch, SearchConfig
+from glit_deploy.space import Arch
+from glit_deploy.train import TrainConfig, evaluate_subnet, load_supernet, train_stage
+
+
+def latency_table_path(run: RunDir, target: str, batch_size: int) -> Path:
+    return run.path / "latency" / f"{target}-b{batch_size}.json"
+
+
+def run_latency_model(run: RunDir, target: Target, batch_size: int, protocol: Protocol | None = None,
+                      calibration_models: int = 10, holdout_models: int = 20, use_cache: bool = True
+                      ) -> LatencyModel:
+    """The run's latency model for a target (from the shared cache when it was measured before)."""
+    meta = run.load_meta()
+    space = run.space()
+    num_classes = meta["data"]["num_classes"]
+    model = profile_latency(space, num_classes, target, batch_size, protocol, calibration_models, holdout_models,
+                            use_cache=use_cache)
+    model.save(latency_table_path(run, target.name, batch_size))
+    return model
+
+
+def search(run: RunDir, budgets_ms: list[float], target: Target, batch_size: int, cfg: SearchConfig,
+           resume: bool = False, level2_epochs: int = 0, protocol: Protocol | None = None,
+           calibration_models: int = 10, holdout_models: int = 20, device: str = "auto") -> dict[str, Any]:
+    ctx = distributed.setup(device)
+    try:
+        return _search(run, budgets_ms, target, batch_size, cfg, resume, level2_epochs, protocol,
+                       calibration_models, holdout_models, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _search(run: RunDir, budgets_ms: list[float], target: Target, batch_size: int, cfg: SearchConfig,
+            resume: bool, level2_epochs: int, protocol: Protocol | None, calibration_models: int,
+            holdout_models: int, ctx: distributed.DistContext) -> dict[str, Any]:
+    supernet, bundle = load_supernet(run, ctx.device)
+    space = supernet.space
+    target.check()
+    latency = None
+    if ctx.is_main:
+        latency = run_latency_model(run, target, batch_size, protocol, calibration_models, holdout_models)
+        run.record_command("search", {"budgets_ms": budgets_ms, "target": target.name, "batch_size": batch_size,
+                                      "resume": resume, "level2_epochs": level2_epochs, **cfg.__dict__})
+    latency = _broadcast(ctx, latency)
+    val_loader = make_loader(bundle.val, cfg.batch_size, shuffle=False)
+    weights = {"current": supernet}
+
+    def evaluate(archs: list[Arch]) -> list[float]:
+        # Under torchrun every rank evaluates its share of the population, then all share the scores.
+        mine = {i: evaluate_subnet(weights["current"], a, bundle, cfg.batch_size, cfg.calib_batches, ctx.device,
+                                   val_loader=val_loader)
+                for i, a in enumerate(archs) if i % ctx.world_size == ctx.rank}
+        if ctx.enabled:
+            gathered: list[dict[int, float]] = [{} for _ in range(ctx.world_size)]
+            dist.all_gather_object(gathered, mine)
+            for part in gathered:
+                mine.update(part)
+        return [mine[i] for i in range(len(archs))]
+
+    def measure(arch: Arch) -> float:
+        value = measure_arch(arch, space, supernet.num_classes, target, batch_size, protocol) if ctx.is_main else None
+        return _broadcast(ctx, value)
+
+    search_state: dict[str, Any] = {}
+
+    def weights_tag(level: int) -> str:
+        split = search_state["engine"].state.get("split")
+        if level == 1 or level2_epochs == 0 or not split:
+            return "supernet"
+        return f"split{''.join(map(str, split))}-e{level2_epochs}"
+
+    def before_level2(split: tuple[int, ...] | None) -> None:
+        if level2_epochs == 0 or split is None:
+            weights["current"] = supernet
+            return
+        weights["current"] = finetune_for_split(run, supernet, bundle, split, level2_epochs, ctx)
+
+    engine = EvolutionarySearch(run, space, supernet.num_classes, latency, budgets_ms, cfg, evaluate, measure, ctx,
+                                weights_tag=weights_tag, before_level2=before_level2)
+    search_state["engine"] = engine
+    if resume and engine.state_path.exists():
+        state = json.loads(engine.state_path.read_text())
+        if state.get("cursor", {}).get("level") == 2 and state.get("population") is not None and state.get("split"):
+            before_level2(tuple(state["split"]))  # level 2 resumes on the fine-tuned weights
+    return engine.run_search(resume)
+
+
+def finetune_for_split(run: RunDir, supernet: Supernet, bundle: Any, split: tuple[int, ...], epochs: int,
+                       ctx: distributed.DistContext) -> Supernet:
+    """Fine-tune the supernet on archs of one split (the paper trains a second supernet for level 2)."""
+    stage = run.path / "search" / f"supernet-split-{''.join(map(str, split))}"
+    base = load_checkpoint(run.supernet, with_state=True)
+    cfg = TrainConfig.from_dict(base.state.get("config", {}))
+    cfg = replace(cfg, epochs=epochs, warmup_epochs=0, lr=cfg.lr * 0.2, split=list(split), eval_every=epochs)
+    finished = load_checkpoint(stage, with_state=False)
+    if finished is None or finished.epoch + 1 < epochs:
+        train_stage(stage, supernet.space, bundle, cfg, resume=True, ctx=ctx,
+                    init_weights={k: v.clone() for k, v in supernet.state_dict().items()})
+        finished = load_checkpoint(stage, with_state=False)
+    tuned = Supernet(supernet.space, supernet.num_classes)
+    tuned.load_state_dict(finished.weights)
+    return tuned.to(ctx.device).eval()
+
+
+def _broadcast(ctx: distributed.DistContext, value: Any) -> Any:
+    if not ctx.enabled:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from glit_deploy.errors import GlitError
+from glit_deploy.latency import LatencyModel
+from glit_deploy.search import parse_latency
+from glit_deploy.search.pareto import pareto_front
+from glit_deploy.space import Arch, get_space
+
+from .conftest import FAST_LATENCY, REPO, glit
+
+SMALL_SEARCH = ["--population", "8", "--generations", "3", "--parents", "4", "--mutations", "4", "--crossovers", "4",
+                "--calib-batches", "2", "--threads", "1", *FAST_LATENCY]
+
+
+def test_parse_latency() -> None:
+    assert parse_latency("5ms") == 5.0 and parse_latency("800us") == pytest.approx(0.8)
+    assert parse_latency("0.005s") == pytest.approx(5.0) and parse_latency("2.5") == 2.5
+    for bad in ("fast", "-1ms", "0ms", "5 parsecs"):
+        with pytest.raises(GlitError):
+            parse_latency(bad)
+
+
+def test_pareto_front() -> None:
+    points = [{"predicted_ms": 1, "top1": 50}, {"predicted_ms": 2, "top1": 40}, {"predicted_ms": 2, "top1": 70},
+              {"predicted_ms": 3, "top1": 60}, {"predicted_ms": 4, "top1": 80}]
+    assert [(p["predicted_ms"], p["top1"]) for p in pareto_front(points)] == [(1, 50), (2, 70), (4, 80)]
+
+
+def _table(run: Path, target: str) -> LatencyModel:
+    glit("latency", "profile", "--run", str(run), "--target", target, "--threads", "1", *FAST_LATENCY)
+    return LatencyModel.load(run / "latency" / f"{target}-b1.json")
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "torch-cpu"])
+def test_two_level_search_returns_a_measured_winner_within_budget(run_copy: Path, target: str) -> None:
+    space = get_space("digits")
+    table = _table(run_copy, target)
+    lo, hi = table.block_range_ms(space, True), table.block_range_ms(space, False)
+    budget = lo + 0.4 * (hi - lo)
+    proc = glit("search", "--run", str(run_copy), "--latency-budget", f"{budget:.4f}ms", "--target", target,
+                *SMALL_SEARCH)
+    assert "Pareto front" in proc.stdout
+    search_dir = run_copy / "search"
+    summary = json.loads((search_dir / "summary.json").read_text())
+    (label, winner), = summary["budgets"].items()
+    assert winner["measured_ms"] <= winner["budget_ms"] and winner["predicted_ms"] <= winner["budget_ms"]
+    assert winner["budget_ms"] == pytest.approx(budget, abs=1e-4)
+    best = Arch.load(search_dir / f"best-{label}.json")
+    space.validate(best)
+    assert best.digest == winner["digest"]
+    # Level 2 kept level 1's split and only changed the details.
+    assert list(best.split) == summary["level1"][label]["split"]
+    history = json.loads((search_dir / "history.json").read_text())
+    assert {h["level"] for h in history} == {1, 2}
+    assert all(h["predicted_ms"] <= budget for h in history)  # nothing over budget was evaluated
+    digests = [h["digest"] for h in history]
+    assert len(digests) == len(set(digests)) == summary["evaluated"]  # never evaluated twice
+    assert all(len(set(h["split"])) >= 1 for h in history)
+    assert (search_dir / "pareto.png").stat().st_size > 0
+    front = json.loads((search_dir / "pareto.json").read_text())["front"]
+    assert front and all(a["predicted_ms"] <= b["predicted_ms"] and a["top1"] < b["top1"]
+                         for a, b in itertools.pairwise(front))
+    # A finished search is not silently redone or overwritten.
+    again = glit("search", "--run", str(run_copy), "--latency-budget", f"{budget:.4f}ms", "--target", target,
+                 *SMALL_SEARCH, check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_infeasible_budget_fails_at_once_with_the_range(run_copy: Path) -> None:
+    started = time.time()
+    proc = glit("search", "--run", str(run_copy), "--latency-budget", "1us", "--target", "ort-cpu",
+                *SMALL_SEARCH, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "below the fastest arch of space 'digits'" in proc.stderr and "spans" in proc.stderr
+    assert time.time() - started < 120
+    assert not (run_copy / "search" / "state.json").exists()
+    bad = glit("search", "--run", str(run_copy), "--latency-budget", "soon", check=False)
+    assert bad.returncode == 2 and "not a duration" in bad.stderr
+
+
+def _search_cmd(run: Path, budget: str) -> list[str]:
+    return [sys.executable, "-m", "glit_deploy", "search", "--run", str(run), "--latency-budget", budget,
+            "--target", "ort-cpu", "--population", "8", "--generations", "4", "--parents", "4",
+            "--mutations", "4", "--crossovers", "4", "--calib-batches", "2", "--threads", "1", "--seed", "5",
+            *FAST_LATENCY]
+
+
+def test_killed_search_resumes_to_the_same_result(run_copy: Path, tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run_copy, other)
+    table = _table(run_copy, "ort-cpu")
+    # A generous budget: the winner's end-to-end check cannot flip on measurement noise.
+    budget = f"{2 * table.block_range_ms(get_space('digits'), False):.4f}ms"
+    subprocess.run(_search_cmd(run_copy, budget), check=True, capture_output=True, cwd=REPO, timeout=600)
+
+    proc = subprocess.Popen(_search_cmd(other, budget), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO)
+    state_path = other / "search" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            state = json.loads(state_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = None
+        if state and state["cursor"]["level"] == 1 and state["cursor"]["generation"] >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not json.loads(state_path.read_text())["done"], "the search finished before it was killed"
+    subprocess.run([*_search_cmd(other, budget), "--resume"], check=True, capture_output=True, cwd=REPO, timeout=600)
+
+    a = json.loads((run_copy / "search" / "state.json").read_text())
+    b = json.loads(state_path.read_text())
+    assert a["history"] == b["history"]
+    assert a["level1"] == b["level1"] and a["evaluations"].keys() == b["evaluations"].keys()
+    wa, wb = a["results"][next(iter(a["results"]))], b["results"][next(iter(b["results"]))]
+    assert wa["digest"] == wb["digest"] and wa["top1"] == wb["top1"]

@@ -128,3 +128,41 @@ def test_killed_search_resumes_to_the_same_result(run_copy: Path, tmp_path: Path
     assert a["level1"] == b["level1"] and a["evaluations"].keys() == b["evaluations"].keys()
     wa, wb = a["results"][next(iter(a["results"]))], b["results"][next(iter(b["results"]))]
     assert wa["digest"] == wb["digest"] and wa["top1"] == wb["top1"]
+
+
+def test_torchrun_shards_the_population_and_matches_one_process(run_copy: Path, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    ddp = tmp_path / "ddp"
+    shutil.copytree(run_copy, ddp)
+    table = _table(run_copy, "ort-cpu")
+    budget = f"{2 * table.block_range_ms(get_space('digits'), False):.4f}ms"
+    subprocess.run(_search_cmd(run_copy, budget), check=True, capture_output=True, cwd=REPO, timeout=600)
+    args = _search_cmd(ddp, budget)[3:]  # drop `python -m glit_deploy`
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", "-m", "glit_deploy", "--", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((run_copy / "search" / "state.json").read_text())
+    b = json.loads((ddp / "search" / "state.json").read_text())
+    # Each rank scored half of every population; the gathered scores equal one process's.
+    assert a["history"] == b["history"] and a["level1"] == b["level1"]
+
+
+def test_fixed_split_and_auto_budget(run_copy: Path) -> None:
+    space = get_space("digits")
+    table = _table(run_copy, "ort-cpu")
+    glit("search", "--run", str(run_copy), "--latency-budget", "auto", "--target", "ort-cpu",
+         "--fixed-split", "3,3,3,3", *SMALL_SEARCH)
+    summary = json.loads((run_copy / "search" / "summary.json").read_text())
+    (winner,) = summary["budgets"].values()
+    lo, hi = table.block_range_ms(space, True), table.block_range_ms(space, False)
+    assert winner["budget_ms"] == pytest.approx(lo + 0.5 * (hi - lo), abs=1e-3)
+    assert summary["level1"] == {}  # level 1 skipped
+    history = json.loads((run_copy / "search" / "history.json").read_text())
+    assert all(h["split"] == [3, 3, 3, 3] for h in history)
+    bad = glit("search", "--run", str(run_copy), "--latency-budget", "auto", "--fixed-split", "3,9,3,3",
+               "--resume", check=False)
+    assert bad.returncode == 2 and "global_heads=9" in bad.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -176,6 +177,15 @@ def space_sample_cmd(
     out.print(f"wrote {output}: {arch.describe(space.num_heads)}")
 
 
+def _parse_split(text: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(g) for g in text.split(",")]
+    except ValueError:
+        raise GlitError(f"--fixed-split '{text}': expected global heads per block, e.g. 3,3,1,0") from None
+
+
 def _target(name: str, threads: int) -> Any:
     from glit_deploy.latency import default_target_name, get_target
 
@@ -288,7 +298,8 @@ def latency_predict_cmd(
 @user_errors
 def search_cmd(
     run: RunOpt,
-    latency_budget: Annotated[list[str], typer.Option("--latency-budget", help="Budget such as 5ms or 800us; "
+    latency_budget: Annotated[list[str], typer.Option("--latency-budget", help="Budget such as 5ms or 800us, "
+                                                      "or auto (the middle of the space's range on the target); "
                                                       "repeat for several.")],
     target: TargetOpt = "",
     batch_size: BatchOpt = 1,
@@ -309,23 +320,26 @@ def search_cmd(
     holdout_models: Annotated[int, typer.Option(min=1)] = 20,
     warmup: WarmupOpt = 10,
     runs: RunsOpt = 50,
+    fixed_split: Annotated[str, typer.Option(help="Skip level 1: search the details of this split, given as "
+                                             "global heads per block, e.g. 3,3,3,3,3,3.")] = "",
     seed: int = 0,
     device: Annotated[str, typer.Option(help="Where candidates are evaluated: auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run's interrupted search.")] = False,
 ) -> None:
     """Two-level evolutionary search under latency budgets measured on the target."""
     from glit_deploy.rundir import RunDir
-    from glit_deploy.search import SearchConfig, budget_label, parse_latency
+    from glit_deploy.search import SearchConfig, parse_latency
     from glit_deploy.search.runner import search
 
-    budgets = sorted({parse_latency(b) for b in latency_budget})
+    budgets = [b if b == "auto" else parse_latency(b) for b in latency_budget]
     cfg = SearchConfig(population=population, generations=generations, parents=parents, mutations=mutations,
                        crossovers=crossovers, mutation_prob=mutation_prob, seed=seed, max_params=max_params,
-                       max_macs=max_macs, calib_batches=calib_batches, batch_size=eval_batch_size)
+                       max_macs=max_macs, calib_batches=calib_batches, batch_size=eval_batch_size,
+                       fixed_split=_parse_split(fixed_split))
     summary = search(RunDir(run), budgets, _target(target, threads), batch_size, cfg, resume=resume,
                      level2_epochs=level2_epochs, protocol=_protocol(warmup, runs),
                      calibration_models=calibration_models, holdout_models=holdout_models, device=device)
-    if int(__import__("os").environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         return
     table = Table(title=f"search on {summary['target']} (batch {summary['batch_size']}): "
                   f"{summary['evaluated']} evaluations, {summary['cache_hits']} cache hits, "
@@ -346,7 +360,6 @@ def search_cmd(
     if failed:
         err.print(Text.assemble(("error: ", "bold red"), "; ".join(failed)), soft_wrap=True)
         raise typer.Exit(1)
-    del budget_label
 
 
 def main() -> None:

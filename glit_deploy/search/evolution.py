@@ -66,6 +66,7 @@ class SearchConfig:
     batch_size: int = 256
     winner_candidates: int = 10
     max_tries: int = 500
+    fixed_split: list[int] | None = None  # skip level 1 and search the details of this split
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
@@ -207,8 +208,8 @@ class EvolutionarySearch:
         return {"version": STATE_VERSION, "config": asdict(self.cfg), "budgets_ms": self.budgets,
                 "latency_key": self.latency.key, "space_digest": self.space.digest,
                 "evaluations": {}, "history": [], "results": {}, "evaluated": 0, "cache_hits": 0,
-                "cursor": {"budget": 0, "level": 1, "generation": 0}, "population": None, "parents": [],
-                "split": None, "done": False, "seconds": 0.0}
+                "cursor": {"budget": 0, "level": 1 if self.cfg.fixed_split is None else 2, "generation": 0},
+                "population": None, "parents": [], "split": self.cfg.fixed_split, "done": False, "seconds": 0.0}
 
     def _save(self) -> None:
         self.state["rng"] = _rng_to_json(self.rng.getstate())
@@ -239,6 +240,8 @@ class EvolutionarySearch:
 
     # the search ------------------------------------------------------------------------------
     def run_search(self, resume: bool = False) -> dict[str, Any]:
+        if self.cfg.fixed_split is not None:
+            self.space.validate(self.space.with_split(self.cfg.fixed_split), source="--fixed-split")
         self.check_budgets()
         self.load_or_start(resume)
         started = time.perf_counter() - self.state.get("seconds", 0.0)
@@ -306,8 +309,8 @@ class EvolutionarySearch:
             cursor.update(level=2, generation=0)
         else:
             self.state["results"][budget_label(budget)] = self._pick_winner(budget)
-            self.state["split"] = None
-            cursor.update(budget=cursor["budget"] + 1, level=1, generation=0)
+            self.state["split"] = self.cfg.fixed_split
+            cursor.update(budget=cursor["budget"] + 1, level=1 if self.cfg.fixed_split is None else 2, generation=0)
             if cursor["budget"] >= len(self.budgets):
                 self.state["done"] = True
         self.state["population"] = None

@@ -39,7 +39,13 @@ def run_latency_model(run: RunDir, target: Target, batch_size: int, protocol: Pr
     return model
 
 
-def search(run: RunDir, budgets_ms: list[float], target: Target, batch_size: int, cfg: SearchConfig,
+def resolve_budgets(budgets: list[float | str], latency: LatencyModel, space: Any) -> list[float]:
+    """Budgets in ms; `auto` is the middle of the range the space spans on the target (predicted)."""
+    lo, hi = latency.block_range_ms(space, True), latency.block_range_ms(space, False)
+    return sorted({round(lo + 0.5 * (hi - lo), 4) if b == "auto" else float(b) for b in budgets})
+
+
+def search(run: RunDir, budgets_ms: list[float | str], target: Target, batch_size: int, cfg: SearchConfig,
            resume: bool = False, level2_epochs: int = 0, protocol: Protocol | None = None,
            calibration_models: int = 10, holdout_models: int = 20, device: str = "auto") -> dict[str, Any]:
     ctx = distributed.setup(device)
@@ -50,7 +56,7 @@ def search(run: RunDir, budgets_ms: list[float], target: Target, batch_size: int
         distributed.teardown(ctx)
 
 
-def _search(run: RunDir, budgets_ms: list[float], target: Target, batch_size: int, cfg: SearchConfig,
+def _search(run: RunDir, budgets_ms: list[float | str], target: Target, batch_size: int, cfg: SearchConfig,
             resume: bool, level2_epochs: int, protocol: Protocol | None, calibration_models: int,
             holdout_models: int, ctx: distributed.DistContext) -> dict[str, Any]:
     supernet, bundle = load_supernet(run, ctx.device)
@@ -62,6 +68,7 @@ def _search(run: RunDir, budgets_ms: list[float], target: Target, batch_size: in
         run.record_command("search", {"budgets_ms": budgets_ms, "target": target.name, "batch_size": batch_size,
                                       "resume": resume, "level2_epochs": level2_epochs, **cfg.__dict__})
     latency = _broadcast(ctx, latency)
+    budgets_ms = resolve_budgets(budgets_ms, latency, space)
     val_loader = make_loader(bundle.val, cfg.batch_size, shuffle=False)
     weights = {"current": supernet}
 

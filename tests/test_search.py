@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,15 +97,19 @@ def _search_cmd(run: Path, budget: str) -> list[str]:
             *FAST_LATENCY]
 
 
-def test_killed_search_resumes_to_the_same_result(run_copy: Path, tmp_path: Path) -> None:
-    import shutil
-
-    other = tmp_path / "other"
-    shutil.copytree(run_copy, other)
-    table = _table(run_copy, "ort-cpu")
+def _reference_search(run: Path, copy: Path) -> str:
+    """Copy the run aside, then search the original uninterrupted; returns the budget used."""
+    shutil.copytree(run, copy)
+    table = _table(run, "ort-cpu")
     # A generous budget: the winner's end-to-end check cannot flip on measurement noise.
     budget = f"{2 * table.block_range_ms(get_space('digits'), False):.4f}ms"
-    subprocess.run(_search_cmd(run_copy, budget), check=True, capture_output=True, cwd=REPO, timeout=600)
+    subprocess.run(_search_cmd(run, budget), check=True, capture_output=True, cwd=REPO, timeout=600)
+    return budget
+
+
+def test_killed_search_resumes_to_the_same_result(run_copy: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    budget = _reference_search(run_copy, other)
 
     proc = subprocess.Popen(_search_cmd(other, budget), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd=REPO)
@@ -131,14 +137,8 @@ def test_killed_search_resumes_to_the_same_result(run_copy: Path, tmp_path: Path
 
 
 def test_torchrun_shards_the_population_and_matches_one_process(run_copy: Path, tmp_path: Path) -> None:
-    import os
-    import shutil
-
     ddp = tmp_path / "ddp"
-    shutil.copytree(run_copy, ddp)
-    table = _table(run_copy, "ort-cpu")
-    budget = f"{2 * table.block_range_ms(get_space('digits'), False):.4f}ms"
-    subprocess.run(_search_cmd(run_copy, budget), check=True, capture_output=True, cwd=REPO, timeout=600)
+    budget = _reference_search(run_copy, ddp)
     args = _search_cmd(ddp, budget)[3:]  # drop `python -m glit_deploy`
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

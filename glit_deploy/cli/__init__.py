@@ -29,6 +29,7 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory (runs/NAME).")]
+ArchOpt = Annotated[str, typer.Option(help="ARCH.json, largest, smallest, random:SEED or a named arch.")]
 TargetOpt = Annotated[str, typer.Option(help="ort-cpu, ort-cuda, ort-trt, torch-cpu, torch-cuda or trt "
                                         "(default: ort-cuda with a GPU, else ort-cpu).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size the latency is measured at.")]
@@ -98,7 +99,7 @@ def train_supernet_cmd(
 @user_errors
 def eval_subnet_cmd(
     run: RunOpt,
-    arch: Annotated[str, typer.Option(help="ARCH.json, largest, smallest, random:SEED or a named arch.")],
+    arch: ArchOpt,
     calib_batches: Annotated[int, typer.Option(min=1, help="Training batches for BN recalibration.")] = 8,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     threads: Annotated[int, typer.Option(min=0)] = 0,
@@ -254,7 +255,7 @@ def _arch_and_space(run: Path, arch: str) -> tuple[Any, Any, int]:
 @user_errors
 def latency_measure_cmd(
     run: RunOpt,
-    arch: Annotated[str, typer.Option(help="ARCH.json, largest, smallest, random:SEED or a named arch.")],
+    arch: ArchOpt,
     target: TargetOpt = "",
     batch_size: BatchOpt = 1,
     threads: ThreadsOpt = 0,
@@ -278,7 +279,7 @@ def latency_measure_cmd(
 @user_errors
 def latency_predict_cmd(
     run: RunOpt,
-    arch: Annotated[str, typer.Option(help="ARCH.json, largest, smallest, random:SEED or a named arch.")],
+    arch: ArchOpt,
     target: TargetOpt = "",
     batch_size: BatchOpt = 1,
 ) -> None:

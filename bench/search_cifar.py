@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--parents", type=int, default=4)
     parser.add_argument("--children", type=int, default=6, help="mutations and crossovers per generation, each")
     parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--resume", action="store_true", help="continue the searches under --out")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -63,10 +64,11 @@ def main() -> None:
     all_global = [space.num_heads] * space.depth
     results = {}
     for name, split in (("glit", None), ("all-global", all_global)):
-        run = fresh_run(source, args.out / f"search-{name}")
+        path = args.out / f"search-{name}"
+        run = RunDir(path) if args.resume and path.exists() else fresh_run(source, path)
         started = time.perf_counter()
         summary = search(run, budgets, target, 1, SearchConfig(**{**cfg.__dict__, "fixed_split": split}),
-                         device="cpu")
+                         resume=args.resume, device="cpu")
         results[name] = {**summary, "wall_seconds": time.perf_counter() - started}
 
     console = Console()

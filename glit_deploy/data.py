@@ -37,6 +37,8 @@ class DataBundle:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     image_size: int
+    flip: bool = True  # horizontal flips are label-preserving (not for digits)
+    pad: int = 4  # random-crop padding of in-memory arrays
 
     @property
     def num_classes(self) -> int:
@@ -99,7 +101,7 @@ def _array_bundle(name: str, images: np.ndarray, labels: np.ndarray, class_names
         train=ArrayDataset(images[train_idx], labels[train_idx], train_tf),
         val=ArrayDataset(images[val_idx], labels[val_idx], eval_tf),
         calib=ArrayDataset(images[train_idx], labels[train_idx], eval_tf),
-        class_names=class_names, mean=tuple(mean), std=tuple(std), image_size=image_size,
+        class_names=class_names, mean=tuple(mean), std=tuple(std), image_size=image_size, flip=flip, pad=pad,
     )
 
 
@@ -166,17 +168,53 @@ def load_image_folder_bundle(root: Path, image_size: int) -> DataBundle:
         if _folder_class_names(val_ds) != class_names:
             raise DataError(f"{val_root} has other class folders than {train_root}")
         calib = create_dataset("", root=str(train_root), split="train", transform=eval_tf)
-        return DataBundle(root.name, train_ds, val_ds, calib, class_names, tuple(mean), tuple(std), image_size)
+        return DataBundle(root.name, train_ds, val_ds, calib, class_names, tuple(mean), tuple(std), image_size,
+                          flip=True, pad=0)
     targets = [t for _, t in train_ds.reader.samples]
     train_idx, val_idx = stratified_split(targets)
     plain = create_dataset("", root=str(train_root), split="train", transform=eval_tf)
     return DataBundle(root.name, Subset(train_ds, train_idx.tolist()), Subset(plain, val_idx.tolist()),
-                      Subset(plain, train_idx.tolist()), class_names, tuple(mean), tuple(std), image_size)
+                      Subset(plain, train_idx.tolist()), class_names, tuple(mean), tuple(std), image_size,
+                      flip=True, pad=0)
 
 
 def _folder_class_names(ds: Any) -> list[str]:
     class_to_idx = getattr(ds.reader, "class_to_idx", {})
     return [name for name, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+
+
+def deit_train_transform(bundle: DataBundle, auto_augment: str | None, re_prob: float) -> Any:
+    """The DeiT training augmentation through timm: RandAugment and random erasing on top of the
+    dataset's own crop/flip. In-memory arrays go through PIL for timm's RandAugment."""
+    from timm.data import create_transform
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+
+    if not isinstance(_base_dataset(bundle.train), ArrayDataset):
+        return create_transform(bundle.image_size, is_training=True, auto_augment=auto_augment, re_prob=re_prob,
+                                mean=bundle.mean, std=bundle.std, hflip=0.5 if bundle.flip else 0.0)
+    ops: list[Any] = [v2.RandomCrop(bundle.image_size, padding=bundle.pad, padding_mode="reflect")]
+    if bundle.flip:
+        ops.append(v2.RandomHorizontalFlip())
+    if auto_augment:
+        # magnitude_max just under 10: at 10, timm's increasing posterize keeps 0 bits, which Pillow rejects
+        hparams = {"translate_const": int(bundle.image_size * 0.45), "magnitude_max": 9.9,
+                   "img_mean": tuple(round(255 * m) for m in bundle.mean)}
+        ops += [v2.ToPILImage(), rand_augment_transform(auto_augment, hparams), v2.PILToTensor()]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(bundle.mean), list(bundle.std))]
+    if re_prob > 0:
+        ops.append(RandomErasing(re_prob, mode="pixel", device="cpu"))
+    return v2.Compose(ops)
+
+
+def set_train_transform(bundle: DataBundle, transform: Any) -> None:
+    _base_dataset(bundle.train).transform = transform
+
+
+def _base_dataset(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def load_data(spec: str, image_size: int) -> DataBundle:

@@ -39,6 +39,10 @@ FAST_LATENCY = ["--calibration-models", "4", "--holdout-models", "4", "--warmup"
 def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A digits supernet trained with the sandwich rule: shared by the evaluation tests."""
     run = tmp_path_factory.mktemp("runs") / "digits"
+    reuse = os.environ.get("GLIT_TEST_TRAINED_RUN")  # local development only: a run this fixture trained before
+    if reuse and not os.environ.get("CI"):
+        shutil.copytree(reuse, run)
+        return run
     glit("train-supernet", "--run", str(run), "--space", "digits", "--data", "digits", "--epochs", "20",
          "--batch-size", "32", "--lr", "2e-3", "--sandwich", "--eval-every", "20", "--threads", "2")
     return run
@@ -48,4 +52,42 @@ def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_copy(trained_digits_run: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "copy"
     shutil.copytree(trained_digits_run, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def deployable_digits_run(trained_digits_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run holding a deployable (retrained-layout) digits model: the supernet's largest subnet,
+    BN recalibrated, saved where `glit retrain` saves. Export and serve tests start from it."""
+    import torch
+
+    from glit_deploy.nn import extreme_arch
+    from glit_deploy.nn.supernet import recalibrate_bn
+    from glit_deploy.rundir import RunDir
+    from glit_deploy.train import calibration_batches, evaluate, load_supernet
+    from glit_deploy.trained import TrainedModelInfo, save_trained_model
+
+    run = tmp_path_factory.mktemp("runs") / "deployable"
+    shutil.copytree(trained_digits_run, run)
+    rundir = RunDir(run)
+    supernet, bundle = load_supernet(rundir)
+    arch = extreme_arch(supernet.space, True)
+    device = torch.device("cpu")
+    model = supernet.extract(arch)
+    recalibrate_bn(model, calibration_batches(bundle, 64, 8, device))
+    model.eval()
+    from glit_deploy.data import make_loader
+
+    top1 = evaluate(model, make_loader(bundle.val, 128, shuffle=False), device)
+    info = TrainedModelInfo(label="largest", arch=arch, space=supernet.space, class_names=bundle.class_names,
+                            mean=bundle.mean, std=bundle.std, image_size=bundle.image_size, data="digits",
+                            val_top1=top1, extra={"source": "supernet extract (test fixture)"})
+    save_trained_model(rundir, model, info)
+    return run
+
+
+@pytest.fixture
+def deployable_copy(deployable_digits_run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "deployable"
+    shutil.copytree(deployable_digits_run, dst)
     return dst

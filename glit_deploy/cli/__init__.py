@@ -125,6 +125,51 @@ def eval_subnet_cmd(
     out.print(table)
 
 
+@app.command("retrain")
+@user_errors
+def retrain_cmd(
+    run: RunOpt,
+    arch: Annotated[str | None, typer.Option(help="ARCH.json, largest, smallest, random:SEED or a named arch "
+                                             "(default: the search winner of --budget).")] = None,
+    budget: Annotated[str | None, typer.Option(help="Retrain the search winner of this budget, e.g. 5ms.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    init: Annotated[str, typer.Option(help="scratch, or supernet (inherited weights, BN recalibrated).")]
+    = "scratch",
+    batch_size: Annotated[int, typer.Option(min=2)] = 64,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
+    weight_decay: float = 0.05,
+    warmup_epochs: Annotated[int, typer.Option(min=0)] = 5,
+    mixup: Annotated[float, typer.Option(min=0, help="Mixup alpha (0: off).")] = 0.8,
+    cutmix: Annotated[float, typer.Option(min=0, help="CutMix alpha (0: off).")] = 1.0,
+    rand_augment: Annotated[str, typer.Option(help="timm RandAugment string, or none.")] = "rand-m9-mstd0.5-inc1",
+    reprob: Annotated[float, typer.Option(min=0, max=1, help="Random-erasing probability.")] = 0.25,
+    smoothing: Annotated[float, typer.Option(min=0, max=1, help="Label smoothing.")] = 0.1,
+    drop_path: Annotated[float, typer.Option(min=0, max=1)] = 0.1,
+    ema: Annotated[bool, typer.Option(help="Keep an EMA of the weights (timm ModelEmaV3).")] = True,
+    seed: int = 0,
+    workers: Annotated[int, typer.Option(min=0)] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of this retraining.")] = False,
+) -> None:
+    """Retrain a found arch as a standalone model with the DeiT recipe (DDP under torchrun)."""
+    from glit_deploy.retrain import RetrainConfig, resolve_retrain_arch, retrain
+    from glit_deploy.rundir import RunDir
+
+    _set_threads(threads)
+    rundir = RunDir(run)
+    chosen, label = resolve_retrain_arch(rundir, arch, budget)
+    cfg = RetrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                        warmup_epochs=warmup_epochs, mixup=mixup, cutmix=cutmix, rand_augment=rand_augment,
+                        reprob=reprob, label_smoothing=smoothing, drop_path=drop_path, ema=ema, init=init,
+                        seed=seed, workers=workers)
+    info = retrain(rundir, chosen, label, cfg, resume=resume, device=device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(json.dumps({"label": info.label, "val_top1": info.val_top1, "digest": info.arch.digest,
+                               "dir": str(Path(run) / "retrain" / info.label), **{
+                                   k: info.extra.get(k) for k in ("weights", "val_top1_raw", "val_top1_ema")}}))
+
+
 @space_app.command("show")
 @user_errors
 def space_show_cmd(
@@ -361,6 +406,10 @@ def search_cmd(
     if failed:
         err.print(Text.assemble(("error: ", "bold red"), "; ".join(failed)), soft_wrap=True)
         raise typer.Exit(1)
+
+
+# Commands of the later stages live in their own modules, which register on `app` when imported.
+from glit_deploy.cli import export_cmds, pipeline_cmds, serve_cmds  # noqa: E402, F401
 
 
 def main() -> None:

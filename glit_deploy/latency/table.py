@@ -35,7 +35,7 @@ from glit_deploy.rundir import atomic_write_json
 from glit_deploy.space import Arch, BlockGenes, SearchSpace
 
 console = Console(stderr=True)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: onnxruntime/TensorRT targets time the deployed (rewritten) graph
 
 
 def block_key(genes: BlockGenes) -> str:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from glit_deploy.errors import GlitError
 from glit_deploy.export.onnx import onnx_bytes
+from glit_deploy.export.rewrite import prepare_for_export
 from glit_deploy.latency.measure import Protocol, Timing, time_runs
 from glit_deploy.runtimes import (
     INSTALL_HINT,
@@ -139,7 +140,7 @@ class OrtTarget(Target):
         return {"onnxruntime": import_onnxruntime().__version__, "torch": torch.__version__}
 
     def _runner(self, module: nn.Module, example: Tensor) -> tuple[Callable[[], None], Callable | None]:
-        session = ort_session(onnx_bytes(module.cpu(), example.cpu()), self.provider, self.threads)
+        session = ort_session(deployed_onnx(module, example), self.provider, self.threads)
         x = example.cpu().numpy()
         if self.device_kind == "cpu":
             feed = {"input": x}
@@ -174,7 +175,7 @@ class TensorRTTarget(Target):
     def _runner(self, module: nn.Module, example: Tensor) -> tuple[Callable[[], None], Callable | None]:
         from glit_deploy.export.tensorrt import TensorRTRunner, build_engine
 
-        engine = build_engine(onnx_bytes(module.cpu(), example.cpu()), shapes={"input": tuple(example.shape)})
+        engine = build_engine(deployed_onnx(module, example), shapes={"input": tuple(example.shape)})
         runner = TensorRTRunner(engine)
         x = example.to("cuda")
         stream = torch.cuda.Stream()
@@ -187,6 +188,11 @@ class TensorRTTarget(Target):
                 return cuda_event_timer(fn)
 
         return run, timer
+
+
+def deployed_onnx(module: nn.Module, example: Tensor) -> bytes:
+    """The ONNX graph `glit export` deploys (BatchNorm folded, depthwise conv as Conv2d): time what ships."""
+    return onnx_bytes(prepare_for_export(module.cpu())[0], example.cpu())
 
 
 def get_target(name: str, threads: int | None = None) -> Target:

@@ -1,0 +1,172 @@
+"""`glit` commands: export (ONNX, TensorRT, Triton) and bench."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from glit_deploy.cli import RunOpt, app, err, out, user_errors
+from glit_deploy.errors import GlitError
+
+FORMATS = ("onnx", "trt", "triton")
+
+
+@contextmanager
+def _steps(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr whose text follows the current step."""
+    with err.status(title) as status:
+        yield lambda step: status.update(f"{title}: {step}")
+
+
+def _short(sha: str) -> str:
+    return sha[:16]
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run: RunOpt,
+    format: Annotated[str, typer.Option("--format", help="onnx, trt (TensorRT engine) or triton (model "
+                                        "repository); trt and triton export the ONNX model first if needed.")]
+    = "onnx",
+    model: Annotated[str | None, typer.Option("--model", help="Retrained model label (default: the run's deploy "
+                                              "model).")] = None,
+    opset: Annotated[int, typer.Option(min=17, help="ONNX opset (>= 17 for LayerNormalization).")] = 17,
+    exporter: Annotated[str, typer.Option(help="torchscript (torch.onnx.export dynamo=False) or dynamo.")]
+    = "torchscript",
+    optimize: Annotated[bool, typer.Option(help="Also write model.optimized.onnx with onnxruntime's transformer "
+                                           "optimizer (parity re-checked; measured slower on CPU).")] = False,
+    max_abs_diff: Annotated[float | None, typer.Option(help="Parity limit on max |logit difference| (default "
+                                                       "1e-4 for ONNX, 1e-3 TensorRT fp32, 5e-2 fp16).")] = None,
+    min_agreement: Annotated[float | None, typer.Option(min=0, max=100, help="Parity: minimum top-1 agreement "
+                                                        "in % (default 100; 99 for fp16 engines).")] = None,
+    parity_images: Annotated[int, typer.Option(min=0, help="Validation images for parity (0: all).")] = 1024,
+    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT: float16 engine (LayerNorm, softmax stay "
+                                       "float32).")] = False,
+    max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile and Triton max_batch_size.")] = 32,
+    force: Annotated[bool, typer.Option(help="Export again even when an up-to-date export exists.")] = False,
+    inject_error: Annotated[float, typer.Option(hidden=True, help="Self-test: shift one exported logit by this "
+                                                "much, to see the parity check fail.")] = 0.0,
+) -> None:
+    """Export the retrained model: ONNX (checked against PyTorch), a TensorRT engine, or a Triton repository."""
+    from glit_deploy.rundir import RunDir
+
+    if format not in FORMATS:
+        raise GlitError(f"unknown --format '{format}' (formats: {', '.join(FORMATS)})")
+    rundir = RunDir(run)
+    if format == "onnx":
+        _export_onnx(rundir, model, opset, exporter, optimize, max_abs_diff, min_agreement, parity_images, force,
+                     inject_error)
+    elif format == "trt":
+        _export_trt(rundir, model, fp16, max_batch, max_abs_diff, min_agreement)
+    else:
+        _export_triton(rundir, model, max_batch)
+
+
+def _export_onnx(rundir: Any, model: str | None, opset: int, exporter: str, optimize: bool,
+                 max_abs_diff: float | None, min_agreement: float | None, parity_images: int, force: bool,
+                 inject_error: float) -> None:
+    from glit_deploy.export.parity import Thresholds
+    from glit_deploy.export.pipeline import OnnxOptions, export_run_onnx
+
+    thresholds = Thresholds(1e-4 if max_abs_diff is None else max_abs_diff,
+                            1.0 if min_agreement is None else min_agreement / 100)
+    options = OnnxOptions(opset=opset, exporter=exporter, optimize=optimize, thresholds=thresholds,
+                          parity_images=parity_images, inject_error=inject_error)
+    with _steps("ONNX export") as report:
+        result = export_run_onnx(rundir, model, options, force=force, report=report)
+    s = result.sidecar
+    table = Table(title=f"ONNX export of '{s['source']['label']}'" + (" (up to date, reused)" if result.reused
+                                                                       else ""), show_header=False)
+    table.add_row("file", f"{result.path} ({s['bytes'] / 1e6:.2f} MB, sha256 {_short(s['sha256'])}…)")
+    table.add_row("exporter", f"{s['exporter']['call']}, opset {s['opset']}, dynamic batch")
+    table.add_row("optimisations", "; ".join(s["optimisations"]))
+    table.add_row("checks", f"onnx.checker full check; rewrite max |diff| {s['checks']['rewrite']['max_abs_diff']:.3g}")
+    table.add_row("parity", f"{s['parity']['images']} validation images: " + _parity_text(s["parity"]))
+    if s.get("optimized"):
+        o = s["optimized"]
+        fused = ", ".join(f"{k} {v}" for k, v in o["fused_operators"].items()) or "nothing fused"
+        table.add_row("optimized", f"{result.optimized_path} ({fused}); parity " + _parity_text(o["parity"]))
+    table.add_row("sidecar", str(result.path.with_name("model.json")))
+    out.print(table)
+
+
+def _parity_text(parity: dict[str, Any]) -> str:
+    t = parity["thresholds"]
+    return (f"max |diff| {parity['max_abs_diff']:.3g} (≤ {t['max_abs_diff']:.3g}), top-1 agreement "
+            f"{100 * parity['top1_agreement']:.2f} % (≥ {100 * t['min_agreement']:.2f} %)")
+
+
+def _export_trt(rundir: Any, model: str | None, fp16: bool, max_batch: int, max_abs_diff: float | None,
+                min_agreement: float | None) -> None:
+    from glit_deploy.export.pipeline import export_dir
+    from glit_deploy.export.tensorrt import ENGINE_FILE, EngineOptions, build_run_engine
+
+    options = EngineOptions(fp16=fp16, max_batch=max_batch, max_abs_diff=max_abs_diff,
+                            min_agreement=None if min_agreement is None else min_agreement / 100)
+    with _steps("TensorRT engine") as report:
+        s = build_run_engine(rundir, options, report, label=model)
+    table = Table(title="TensorRT engine", show_header=False)
+    table.add_row("file", f"{export_dir(rundir) / ENGINE_FILE} ({s['bytes'] / 1e6:.2f} MB)")
+    table.add_row("TensorRT / GPU", f"{s['tensorrt']} on {s['gpu']} (compute {s['compute_capability']})")
+    table.add_row("precision", f"{s['precision']}: {s['precision_mode']}")
+    table.add_row("profile", "; ".join(f"{k}: {v['min']} .. {v['opt']} .. {v['max']}" for k, v in s["profile"].items()))
+    table.add_row("build", f"{s['build_seconds']:.1f} s (timing cache {s['timing_cache']})")
+    table.add_row("parity", _parity_text(s["parity"]))
+    out.print(table)
+
+
+def _export_triton(rundir: Any, model: str | None, max_batch: int) -> None:
+    from glit_deploy.export.triton import write_triton_repository
+
+    with _steps("Triton repository") as report:
+        result = write_triton_repository(rundir, max_batch, label=model, report=report)
+    table = Table(title=f"Triton model repository {result['path']}")
+    for column in ("model", "runs on", "max batch"):
+        table.add_column(column)
+    for name, info in result["models"].items():
+        table.add_row(name, info.get("backend") or info.get("platform"), str(info["max_batch_size"]))
+    out.print(table)
+    if len(result["models"]) == 1:
+        out.print("no TensorRT engine was built for this ONNX model, so only glit_onnx was written "
+                  "(`glit export --format trt` on a GPU machine adds glit_trt)")
+
+
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    run: RunOpt,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads for PyTorch and onnxruntime (0: half the "
+                                         "cores, as the latency targets use).")] = 0,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = 5,
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs per row (at least).")] = 30,
+) -> None:
+    """Latency and throughput of the exported model on PyTorch, onnxruntime and TensorRT (table + bench.csv)."""
+    from glit_deploy.export.bench import BENCH_FILE, bench_run, parse_batch_sizes
+    from glit_deploy.export.pipeline import export_dir
+    from glit_deploy.latency import Protocol
+    from glit_deploy.rundir import RunDir
+
+    rundir = RunDir(run)
+    sizes = parse_batch_sizes(batch_sizes)
+    with _steps("benchmark") as report:
+        rows, notes = bench_run(rundir, sizes, threads or None, Protocol(warmup=warmup, runs=runs, min_seconds=0.2),
+                                report)
+    table = Table(title=f"{rundir.path}: exported model, {rows[0].threads} CPU thread(s)" if rows else "benchmark")
+    for column in ("runtime", "device", "batch", "median", "p90", "images/s", "vs eager CPU"):
+        table.add_column(column, justify="right" if column not in ("runtime", "device") else "left")
+    eager = {r.batch_size: r.median_ms for r in rows if r.runtime == "torch-eager-cpu"}
+    for r in rows:
+        speedup = f"{eager[r.batch_size] / r.median_ms:.2f}x" if r.batch_size in eager else "-"
+        table.add_row(r.runtime, r.device, str(r.batch_size), f"{r.median_ms:.3f} ms", f"{r.p90_ms:.3f} ms",
+                      f"{r.images_per_s:,.0f}", speedup)
+    out.print(table)
+    for note in notes:
+        err.print(f"[yellow]note:[/] {note}")
+    out.print(f"written: {Path(export_dir(rundir)) / BENCH_FILE}")

@@ -1,0 +1,315 @@
+"""`glit export --format onnx`: a run's retrained model -> export/model.onnx + export/model.json.
+
+Steps: load the retrained model; rewrite a copy for export (BatchNorm folded, depthwise conv as
+Conv2d; checked against the trained model); export with a dynamic batch axis; attach the glit
+metadata; onnx's full check; parity against PyTorch on the dataset's real validation images; and,
+with `optimize`, onnxruntime's transformer optimizer followed by a second parity check.
+
+A model that fails a check never reaches export/model.onnx (where `glit serve` and Triton read it):
+it is written to export/rejected/ with its model.json (status "failed") for inspection, and any
+previously exported good model stays in place. Every file is written atomically; an export whose
+inputs (weights, model info, options, library versions) are unchanged is reused, not redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from glit_deploy.errors import CheckpointError, GlitError
+from glit_deploy.export.metadata import ModelMetadata, attach_metadata, session_metadata
+from glit_deploy.export.onnx import DEFAULT_EXPORTER, EXPORTERS, OPSET, check_onnx, export_onnx
+from glit_deploy.export.parity import (
+    ParityError,
+    ParityResult,
+    Thresholds,
+    compare_logits,
+    ort_runner,
+    session_logits,
+    torch_logits,
+    validation_images,
+)
+from glit_deploy.export.rewrite import prepare_for_export
+from glit_deploy.rundir import RunDir, atomic_write, atomic_write_json
+from glit_deploy.runtimes import import_onnxruntime, ort_session
+from glit_deploy.trained import MODEL_FILE, TrainedModelInfo, load_trained_info, load_trained_model, retrain_dir
+
+ONNX_FILE = "model.onnx"
+ONNX_INFO = "model.json"
+OPTIMIZED_FILE = "model.optimized.onnx"
+REJECTED_DIR = "rejected"
+PIPELINE_VERSION = 1  # bump when the pipeline changes what it writes: invalidates reuse
+MIN_OPSET = 17  # LayerNormalization
+
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    opset: int = OPSET
+    exporter: str = DEFAULT_EXPORTER
+    optimize: bool = False
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    parity_images: int = 1024  # 0: every validation image
+    inject_error: float = 0.0  # self-test of the parity check: shift one exported logit by this much
+
+    def validate(self) -> None:
+        if self.opset < MIN_OPSET:
+            raise GlitError(f"--opset {self.opset}: GLiT needs opset >= {MIN_OPSET} (LayerNormalization)")
+        if self.exporter not in EXPORTERS:
+            raise GlitError(f"unknown exporter '{self.exporter}' (exporters: {', '.join(EXPORTERS)})")
+        if not 0.0 <= self.thresholds.min_agreement <= 1.0:
+            raise GlitError("the top-1 agreement threshold must lie between 0 and 100 %")
+        if self.thresholds.max_abs_diff < 0:
+            raise GlitError("the max |diff| threshold must not be negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class OnnxExport:
+    path: Path  # export/model.onnx
+    sidecar: dict[str, Any]
+    reused: bool = False
+
+    @property
+    def optimized_path(self) -> Path | None:
+        opt = self.sidecar.get("optimized")
+        return self.path.parent / opt["file"] if opt else None
+
+
+def export_dir(run: RunDir) -> Path:
+    return run.path / "export"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": import_onnxruntime().__version__}
+
+
+def _export_key(info: TrainedModelInfo, weights: Path, options: OnnxOptions) -> str:
+    """What the export depends on: the same key means the same model.onnx would be written again."""
+    parts = {"pipeline": PIPELINE_VERSION, "weights": sha256_file(weights), "info": info.to_dict(),
+             "options": options.to_dict(), "versions": _versions()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_export_info(run: RunDir) -> dict[str, Any]:
+    """export/model.json of a good export, checked against the file it describes."""
+    out = export_dir(run)
+    info_path, model_path = out / ONNX_INFO, out / ONNX_FILE
+    if not info_path.exists() or not model_path.exists():
+        raise GlitError(f"{run.path} has no exported model: run `glit export --run {run.path} --format onnx` first")
+    try:
+        sidecar = json.loads(info_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise GlitError(f"{info_path} is corrupt ({exc.msg}): export again") from None
+    if sidecar.get("status") != "ok":
+        raise GlitError(f"{model_path} is marked '{sidecar.get('status')}' in {info_path}: export again")
+    return sidecar
+
+
+def _reusable(run: RunDir, key: str) -> dict[str, Any] | None:
+    try:
+        sidecar = load_export_info(run)
+    except GlitError:
+        return None
+    out = export_dir(run)
+    if sidecar.get("key") != key or sha256_file(out / ONNX_FILE) != sidecar.get("sha256"):
+        return None
+    opt = sidecar.get("optimized")
+    if opt and (not (out / opt["file"]).exists() or sha256_file(out / opt["file"]) != opt["sha256"]):
+        return None
+    return sidecar
+
+
+def _perturb(model: nn.Module, amount: float) -> str:
+    """Shift the classifier's first bias by `amount`: logit 0 of every image moves by exactly that."""
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and head.bias is not None:
+        with torch.no_grad():
+            head.bias[0] += amount
+        return f"head.bias[0] += {amount:g}"
+    raise GlitError("--inject-error needs a model with a linear classifier head")
+
+
+def optimize_onnx(model: bytes) -> tuple[bytes, dict[str, int]]:
+    """onnxruntime's transformer optimizer (graph fusions such as SkipLayerNormalization, BiasGelu).
+
+    GLiT's attention covers only the global heads' channels, so the Attention fusion does not match;
+    LayerNorm, residual and GELU fusions do. On onnxruntime CPU the fused model measured slower
+    (SkipLayerNormalization's CPU kernel), so it is an opt-in aimed at GPU execution providers.
+    """
+    import onnx
+
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as exc:
+        raise GlitError(f"onnxruntime's transformer optimizer cannot be imported ({exc})") from None
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="glit-opt-") as tmp:
+        src = Path(tmp) / "in.onnx"
+        src.write_bytes(model)
+        optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+        proto = optimized.model
+    original = onnx.load_from_string(model)
+    domains = {node.domain for node in proto.graph.node if node.domain not in ("", "ai.onnx")}
+    imported = {o.domain for o in proto.opset_import}
+    proto.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in sorted(domains - imported))  # contrib ops
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(original.metadata_props)  # the optimizer does not promise to keep them
+    return proto.SerializeToString(), fused
+
+
+def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions | None = None, force: bool = False,
+                    report: Report | None = None, threads: int | None = None) -> OnnxExport:
+    """Export (or reuse) the run's retrained model as export/model.onnx; raise ParityError on a failed check."""
+    import onnx
+
+    options = options or OnnxOptions()
+    options.validate()
+    report = report or (lambda _msg: None)
+    info = load_trained_info(run, label)
+    weights = retrain_dir(run, info.label) / MODEL_FILE
+    if not weights.exists():
+        raise CheckpointError(f"{weights} is missing: retrain the model again")
+    out = export_dir(run)
+    key = _export_key(info, weights, options)
+    if not force and (sidecar := _reusable(run, key)) is not None:
+        return OnnxExport(out / ONNX_FILE, sidecar, reused=True)
+
+    started = time.perf_counter()
+    report(f"loading model '{info.label}' and {info.data} validation images")
+    model, info = load_trained_model(run, info.label)
+    images = validation_images(info.data, info.image_size, options.parity_images)
+    reference = torch_logits(model, images)
+
+    report("rewriting for export (BatchNorm folding)")
+    deploy, applied = prepare_for_export(model)
+    rewrite_check = compare_logits(reference, torch_logits(deploy, images), options.thresholds,
+                                   "rewritten PyTorch model (BatchNorm folded) vs trained model")
+    if not rewrite_check.passed:
+        raise ParityError(f"the BatchNorm-folded model differs from the trained model: {rewrite_check.failure()}")
+    injected = _perturb(deploy, options.inject_error) if options.inject_error else None
+
+    report(f"exporting with the {options.exporter} exporter (opset {options.opset})")
+    export_started = time.perf_counter()
+    proto = onnx.load_from_string(export_onnx(deploy, images[:1], options.exporter, options.opset))
+    export_seconds = time.perf_counter() - export_started
+    meta = ModelMetadata.from_trained(info)
+    attach_metadata(proto, meta)
+    proto.doc_string = f"GLiT '{info.label}' ({info.arch.digest}) exported by glit-deploy"
+    model_bytes = proto.SerializeToString()
+
+    report("onnx.checker (full check)")
+    check_onnx(model_bytes)
+
+    report(f"parity on {len(images)} validation images")
+    ort = import_onnxruntime()
+    what = f"onnxruntime {ort.__version__} CPUExecutionProvider vs PyTorch {torch.__version__} eager (float32)"
+    session = ort_session(model_bytes, "CPUExecutionProvider", threads)
+    parity = compare_logits(reference, session_logits(ort_runner(session), images), options.thresholds, what)
+    if session_metadata(session) != meta:
+        raise GlitError("the exported model's metadata does not read back as written")
+
+    optimized = None
+    if options.optimize:
+        report("onnxruntime transformer optimizer")
+        opt_bytes, fused = optimize_onnx(model_bytes)
+        check_onnx(opt_bytes)
+        opt_session = ort_session(opt_bytes, "CPUExecutionProvider", threads)
+        opt_parity = compare_logits(reference, session_logits(ort_runner(opt_session), images), options.thresholds,
+                                    "optimized " + what)
+        optimized = (opt_bytes, fused, opt_parity)
+
+    sidecar: dict[str, Any] = {
+        "status": "ok",
+        "file": ONNX_FILE,
+        "sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "bytes": len(model_bytes),
+        "opset": options.opset,
+        "exporter": {"name": options.exporter, "call": f"torch.onnx.export(dynamo={options.exporter == 'dynamo'})",
+                     "seconds": round(export_seconds, 3), **_versions()},
+        "input": {"name": meta.input_name, "dtype": "float32", "shape": ["batch", *meta.input_shape]},
+        "output": {"name": meta.output_name, "dtype": "float32", "shape": ["batch", meta.num_classes]},
+        "optimisations": [*applied, "constant folding (exporter)"] + (
+            ["onnxruntime transformer optimizer (model.optimized.onnx)"] if optimized else []),
+        "checks": {"onnx_checker": "full_check passed", "rewrite": rewrite_check.to_dict()},
+        "parity": parity.to_dict(),
+        "source": {"run": str(run.path), "label": info.label, "data": info.data, "weights": str(weights),
+                   "weights_sha256": sha256_file(weights), "val_top1": info.val_top1},
+        "metadata": asdict(meta),
+        "options": options.to_dict(),
+        "key": key,
+        "seconds": 0.0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if injected:
+        sidecar["injected_error"] = injected
+    if optimized:
+        opt_bytes, fused, opt_parity = optimized
+        sidecar["optimized"] = {"file": OPTIMIZED_FILE, "sha256": hashlib.sha256(opt_bytes).hexdigest(),
+                                "bytes": len(opt_bytes), "fused_operators": fused, "parity": opt_parity.to_dict()}
+    sidecar["seconds"] = round(time.perf_counter() - started, 2)
+
+    failed: list[ParityResult] = [p for p in (parity, optimized[2] if optimized else None) if p and not p.passed]
+    if failed:
+        rejected = out / REJECTED_DIR
+        sidecar["status"] = "failed"
+        sidecar["failure"] = "; ".join(f"{p.what}: {p.failure()}" for p in failed)
+        atomic_write(rejected / ONNX_FILE, lambda tmp: tmp.write_bytes(model_bytes))
+        if optimized:
+            atomic_write(rejected / OPTIMIZED_FILE, lambda tmp: tmp.write_bytes(optimized[0]))
+        atomic_write_json(rejected / ONNX_INFO, sidecar)
+        raise ParityError(f"parity check failed: {sidecar['failure']}. The model was not exported; it is kept "
+                          f"for inspection in {rejected / ONNX_FILE}")
+
+    atomic_write(out / ONNX_FILE, lambda tmp: tmp.write_bytes(model_bytes))
+    if optimized:
+        atomic_write(out / OPTIMIZED_FILE, lambda tmp: tmp.write_bytes(optimized[0]))
+    else:
+        (out / OPTIMIZED_FILE).unlink(missing_ok=True)
+    atomic_write_json(out / ONNX_INFO, sidecar)  # last: it vouches for the files above
+    shutil.rmtree(out / REJECTED_DIR, ignore_errors=True)
+    run.record_command("export", {"format": "onnx", "label": info.label, "sha256": sidecar["sha256"],
+                                  **options.to_dict()})
+    return OnnxExport(out / ONNX_FILE, sidecar)
+
+
+def ensure_onnx(run: RunDir, label: str | None = None, report: Report | None = None) -> OnnxExport:
+    """The run's good ONNX export of this model, exporting it (default options) when missing or stale.
+
+    Any good export of the same weights is reused, whatever options made it, so that `--format trt`
+    and `--format triton` build on the ONNX model the user exported and checked.
+    """
+    info = load_trained_info(run, label)
+    weights_sha = sha256_file(retrain_dir(run, info.label) / MODEL_FILE)
+    try:
+        sidecar = load_export_info(run)
+    except GlitError:
+        sidecar = None
+    if (sidecar and sidecar["source"].get("label") == info.label and sidecar["source"].get("weights_sha256")
+            == weights_sha and sha256_file(export_dir(run) / ONNX_FILE) == sidecar.get("sha256")):
+        return OnnxExport(export_dir(run) / ONNX_FILE, sidecar, reused=True)
+    return export_run_onnx(run, info.label, OnnxOptions(), report=report)

@@ -1,0 +1,214 @@
+"""`glit pipeline`: every stage in one run directory, each resumable, finished stages never redone.
+
+Stages: supernet -> latency -> search -> retrain -> export (ONNX + parity) -> bench. run.json's
+`pipeline` entry records the options and the finished stages; a stage killed half-way continues
+from its own checkpoint (supernet and retraining epochs, search generations, the latency cache).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from glit_deploy.errors import RunError
+from glit_deploy.rundir import RunDir
+
+console = Console(stderr=True)
+STAGES = ("supernet", "latency", "search", "retrain", "export", "bench")
+
+
+@dataclass
+class PipelineConfig:
+    data: str = "digits"
+    space: str = ""  # default: digits for the built-in data, cifar for cifar10:DIR, glit-tiny otherwise
+    target: str = ""  # default: ort-cuda with a GPU, else ort-cpu
+    latency_budget: str = "auto"
+    batch_size: int = 1  # the batch size latency is measured and budgeted at
+    threads: int = 0  # runtime threads for latency (0: the target's default)
+    supernet_epochs: int = 20
+    supernet_batch_size: int = 32
+    supernet_lr: float = 2e-3
+    population: int = 12
+    generations: int = 3
+    parents: int = 4
+    children: int = 6  # mutations and crossovers per generation, each
+    retrain_epochs: int = 10
+    retrain_init: str = "supernet"
+    retrain_batch_size: int = 32
+    retrain_lr: float = 5e-4
+    calibration_models: int = 10
+    holdout_models: int = 20
+    bench_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    seed: int = 0
+    device: str = "auto"
+
+    def resolved(self) -> PipelineConfig:
+        from glit_deploy.latency.targets import default_target_name
+
+        space = self.space or ("digits" if self.data == "digits" else "cifar" if self.data.startswith("cifar10:")
+                               else "glit-tiny")
+        return PipelineConfig(**{**asdict(self), "space": space, "target": self.target or default_target_name()})
+
+
+@dataclass
+class PipelineResult:
+    run: Path
+    stages_run: list[str]
+    stages_skipped: list[str]
+    summary: dict[str, Any]
+
+
+def run_pipeline(run: RunDir, cfg: PipelineConfig, on_stage: Callable[[str, str], None] | None = None
+                 ) -> PipelineResult:
+    """Run (or continue) every stage; `on_stage(stage, status)` reports progress to the caller."""
+    cfg = cfg.resolved()
+    state = _load_state(run, cfg)
+    done: list[str] = state["done"]
+    ran, skipped = [], []
+    for stage in STAGES:
+        if stage in done:
+            skipped.append(stage)
+            if on_stage:
+                on_stage(stage, "done earlier")
+            continue
+        if on_stage:
+            on_stage(stage, "running")
+        started = time.perf_counter()
+        STAGE_FUNCTIONS[stage](run, cfg)
+        done.append(stage)
+        state.setdefault("seconds", {})[stage] = time.perf_counter() - started
+        run.update_meta(pipeline=state)
+        ran.append(stage)
+        if on_stage:
+            on_stage(stage, f"finished in {state['seconds'][stage]:.0f} s")
+    return PipelineResult(run.path, ran, skipped, pipeline_summary(run, cfg))
+
+
+def _load_state(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
+    options = asdict(cfg)
+    if run.exists():
+        state = run.load_meta().get("pipeline")
+        if state is None and (run.supernet / "latest.json").exists():
+            raise RunError(f"{run.path} holds a run that `glit pipeline` did not start; use another --run")
+        if state is not None:
+            if state["options"] != options:
+                changed = sorted(k for k in options if state["options"].get(k) != options[k])
+                raise RunError(f"{run.path} was started by `glit pipeline` with other options "
+                               f"({', '.join(changed)}); rerun with the same options or use another --run")
+            return state
+    run.path.mkdir(parents=True, exist_ok=True)
+    state = {"options": options, "done": []}
+    run.update_meta(pipeline=state)
+    return state
+
+
+# stages ----------------------------------------------------------------------------------------
+def _supernet(run: RunDir, cfg: PipelineConfig) -> None:
+    from glit_deploy.space import get_space
+    from glit_deploy.train import TrainConfig, train_supernet
+
+    train_cfg = TrainConfig(epochs=cfg.supernet_epochs, batch_size=cfg.supernet_batch_size, lr=cfg.supernet_lr,
+                            sandwich=True, seed=cfg.seed, eval_every=cfg.supernet_epochs)
+    train_supernet(run, get_space(cfg.space), cfg.data, train_cfg, resume=(run.supernet / "latest.json").exists(),
+                   device=cfg.device)
+
+
+def _target(cfg: PipelineConfig) -> Any:
+    from glit_deploy.latency.targets import get_target
+
+    return get_target(cfg.target, cfg.threads or None)
+
+
+def _latency(run: RunDir, cfg: PipelineConfig) -> None:
+    from glit_deploy.search.runner import run_latency_model
+
+    model = run_latency_model(run, _target(cfg), cfg.batch_size, calibration_models=cfg.calibration_models,
+                              holdout_models=cfg.holdout_models)
+    if model.report is not None:
+        console.print(f"latency model on {cfg.target}: {model.report.mape:.1f} % mean error on "
+                      f"{model.report.models} held-out models (measurement noise {model.report.noise:.1f} %)")
+
+
+def _search(run: RunDir, cfg: PipelineConfig) -> None:
+    from glit_deploy.search import SearchConfig, parse_latency
+    from glit_deploy.search.runner import search
+
+    budget: float | str = cfg.latency_budget if cfg.latency_budget == "auto" else parse_latency(cfg.latency_budget)
+    search_cfg = SearchConfig(population=cfg.population, generations=cfg.generations, parents=cfg.parents,
+                              mutations=cfg.children, crossovers=cfg.children, seed=cfg.seed)
+    summary = search(run, [budget], _target(cfg), cfg.batch_size, search_cfg, resume=True,
+                     calibration_models=cfg.calibration_models, holdout_models=cfg.holdout_models, device=cfg.device)
+    (label, result), = summary["budgets"].items()
+    if not result.get("digest"):
+        raise RunError(f"the search found no arch within {label}: {result.get('error')}")
+
+
+def _winner_label(run: RunDir) -> str:
+    from glit_deploy.search.evolution import load_summary
+
+    labels = [label for label, r in load_summary(run)["budgets"].items() if r.get("digest")]
+    if len(labels) != 1:
+        raise RunError(f"{run.path}'s search has {len(labels)} winners; the pipeline expects one")
+    return labels[0]
+
+
+def _retrain(run: RunDir, cfg: PipelineConfig) -> None:
+    from glit_deploy.retrain import RetrainConfig, resolve_retrain_arch, retrain
+
+    arch, label = resolve_retrain_arch(run, None, _winner_label(run))
+    # At 8x8 px RandAugment, erasing and Mixup/CutMix destroy more than they regularise, and the
+    # supernet's weights are already good: fine-tune them gently. Larger images get the DeiT recipe.
+    tiny = run.space().image_size < 32
+    recipe = dict(rand_augment="none", reprob=0.0, mixup=0.0, cutmix=0.0, lr=min(cfg.retrain_lr, 2e-4)) if tiny \
+        else {"lr": cfg.retrain_lr}
+    retrain_cfg = RetrainConfig(epochs=cfg.retrain_epochs, batch_size=cfg.retrain_batch_size,
+                                warmup_epochs=min(2, cfg.retrain_epochs - 1), init=cfg.retrain_init, seed=cfg.seed,
+                                **recipe)
+    retrain(run, arch, label, retrain_cfg, resume=True, device=cfg.device)
+
+
+def _export(run: RunDir, cfg: PipelineConfig) -> None:
+    from glit_deploy.export import export_onnx
+
+    export_onnx(run)
+
+
+def _bench(run: RunDir, cfg: PipelineConfig) -> None:
+    from glit_deploy.export import bench_formats
+
+    bench_formats(run, cfg.bench_batch_sizes, threads=cfg.threads or None)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[RunDir, PipelineConfig], None]] = {
+    "supernet": _supernet, "latency": _latency, "search": _search, "retrain": _retrain, "export": _export,
+    "bench": _bench,
+}
+
+
+def pipeline_summary(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
+    """What the user wants at the end: accuracy, measured latency against the budget, files, next command."""
+    import json
+
+    from glit_deploy.search.evolution import load_summary
+    from glit_deploy.trained import load_trained_info
+
+    search = load_summary(run)
+    label = _winner_label(run)
+    winner = search["budgets"][label]
+    info = load_trained_info(run, label)
+    export_dir = run.path / "export"
+    model_json = export_dir / "model.json"
+    export_info = json.loads(model_json.read_text()) if model_json.exists() else {}
+    files = [p for p in (run.path / "search" / "pareto.png", run.path / "retrain" / label / "curves.png",
+                         export_dir / "model.onnx", model_json, export_dir / "bench.csv") if p.exists()]
+    return {"target": search["target"], "batch_size": search["batch_size"], "budget": label,
+            "budget_ms": winner["budget_ms"], "measured_ms": winner["measured_ms"],
+            "predicted_ms": winner["predicted_ms"], "supernet_val_top1": winner["top1"],
+            "retrained_val_top1": info.val_top1, "arch_digest": info.arch.digest, "params": winner.get("params"),
+            "macs": winner.get("macs"), "parity": export_info.get("parity"), "files": [str(p) for p in files],
+            "serve_command": f"glit serve --model {export_dir / 'model.onnx'}"}

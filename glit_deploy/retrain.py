@@ -1,0 +1,299 @@
+"""Retraining a found architecture as a standalone model, with the DeiT recipe through timm.
+
+The recipe (DESIGN.md): AdamW, cosine schedule with warm-up, label smoothing, RandAugment, Mixup and
+CutMix, random erasing, drop path, gradient clipping and an EMA of the weights; every piece is
+timm's. The model starts from scratch or from the supernet's inherited weights (BN recalibrated).
+
+Same guarantees as supernet training: per-epoch atomic checkpoints (the EMA weights travel in the
+same safetensors file under `ema.`), `--resume` continues exactly, torchrun/DDP shards the data.
+The final model is whichever of the raw and the EMA weights scores higher on the validation split
+(the split is held out of the training images; the test set is never touched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+from torch import nn
+
+from glit_deploy import distributed
+from glit_deploy.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from glit_deploy.data import deit_train_transform, load_data, make_loader, set_train_transform
+from glit_deploy.errors import CheckpointError, RunError
+from glit_deploy.nn import GLiT, recalibrate_bn
+from glit_deploy.plots import plot_training_curves
+from glit_deploy.rundir import RunDir
+from glit_deploy.search.evolution import budget_label, parse_latency
+from glit_deploy.space import Arch
+from glit_deploy.train import _append_jsonl, _autocast, _progress, calibration_batches, evaluate, load_supernet
+from glit_deploy.trained import INFO_FILE, TrainedModelInfo, load_trained_info, retrain_dir, save_trained_model
+
+console = Console(stderr=True)
+EMA_PREFIX = "ema."
+
+
+@dataclass
+class RetrainConfig:
+    """The DeiT recipe, scaled to short runs: timm names in brackets."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3  # peak AdamW learning rate (DeiT: 5e-4 per 512 images, for 300 epochs)
+    min_lr: float = 1e-5
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # Mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm auto-augment string ("" or "none": off)
+    reprob: float = 0.25  # random-erasing probability
+    drop_path: float = 0.1
+    clip_grad: float = 1.0
+    ema: bool = True
+    ema_decay: float = 0.9998  # with timm's warm-up, so that short runs average sensibly too
+    init: str = "scratch"  # scratch | supernet
+    calib_batches: int = 8  # BN recalibration of inherited weights
+    seed: int = 0
+    workers: int = 0
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.init not in ("scratch", "supernet"):
+            raise RunError(f"--init must be scratch or supernet, not '{self.init}'")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise RunError(f"Mixup/CutMix need an even batch size, got {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RetrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def resolve_retrain_arch(run: RunDir, arch_spec: str | None, budget: str | None) -> tuple[Arch, str]:
+    """The arch to retrain and its label: an arch spec, a search budget, or the only search winner."""
+    from glit_deploy.archs import resolve_arch
+
+    space = run.space()
+    if arch_spec and budget:
+        raise RunError("give either --arch or --budget, not both")
+    if arch_spec:
+        arch = resolve_arch(arch_spec, space)
+        return arch, f"arch-{arch.digest[:8]}"
+    search_dir = run.path / "search"
+    winners = sorted(p.name.removeprefix("best-").removesuffix(".json") for p in search_dir.glob("best-*.json"))
+    if budget:
+        label = budget_label(parse_latency(budget))
+        if label not in winners:
+            raise RunError(f"{run.path} has no search winner for budget {label} "
+                           f"(winners: {', '.join(winners) or 'none; run `glit search` first'})")
+    elif len(winners) == 1:
+        label = winners[0]
+    else:
+        raise RunError(f"{run.path} has {len(winners)} search winners ({', '.join(winners) or 'none'}): "
+                       "pick one with --budget, or give --arch")
+    path = search_dir / f"best-{label}.json"
+    return space.validate(Arch.load(path), source=str(path)), label
+
+
+def retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bool = False, device: str = "auto",
+            stop_after_epoch: int | None = None) -> TrainedModelInfo:
+    """Train `arch` as a standalone model into runs/NAME/retrain/LABEL; returns its info."""
+    ctx = distributed.setup(device)
+    try:
+        return _retrain(run, arch, label, cfg, resume, ctx, stop_after_epoch)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bool, ctx: distributed.DistContext,
+             stop_after_epoch: int | None) -> TrainedModelInfo:
+    stage = retrain_dir(run, label)
+    space = run.space()
+    meta = run.load_meta()
+    data_spec = meta.get("data", {}).get("spec")
+    if data_spec is None:
+        raise RunError(f"{run.meta_path} records no dataset")
+    if (stage / INFO_FILE).exists() and resume:
+        if ctx.is_main:
+            console.print(f"{stage} is already retrained; nothing to do")
+        return load_trained_info(run, label)
+    checkpoint = load_checkpoint(stage) if resume else None
+    if not resume and (stage / "latest.json").exists():
+        raise RunError(f"{stage} already holds a retraining: pass --resume to continue it, or remove the folder")
+    if checkpoint is not None:
+        saved = RetrainConfig.from_dict(checkpoint.state.get("config", {}))
+        if saved != cfg and ctx.is_main:
+            changed = [f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
+            console.print(f"[yellow]resuming with the checkpoint's settings; ignoring changed {', '.join(changed)}")
+        cfg = saved
+        saved_arch = checkpoint.state.get("arch")
+        if saved_arch is not None and Arch.from_dict(saved_arch).digest != arch.digest:
+            raise CheckpointError(f"{stage} holds the retraining of another arch")
+
+    bundle = load_data(data_spec, space.image_size)
+    set_train_transform(bundle, deit_train_transform(bundle, _auto_augment(cfg), cfg.reprob))
+    if ctx.is_main:
+        stage.mkdir(parents=True, exist_ok=True)
+        arch.save(stage / "arch.json", space=space.name)
+        run.record_command("retrain", {"label": label, "digest": arch.digest, "resume": resume,
+                                       "world_size": ctx.world_size, **asdict(cfg)})
+
+    torch.manual_seed(cfg.seed)
+    model = GLiT(arch, space, bundle.num_classes, drop_path_rate=cfg.drop_path)
+    if cfg.init == "supernet" and checkpoint is None:
+        model.load_state_dict(_inherited_weights(run, arch, cfg, bundle))
+    model = model.to(ctx.device)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = make_loader(bundle.train, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers,
+                         drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
+    val_loader = make_loader(bundle.val, cfg.batch_size * 2, shuffle=False, rank=ctx.rank, world_size=ctx.world_size)
+    updates_per_epoch = len(loader)
+    if updates_per_epoch == 0:
+        raise RunError(f"batch size {cfg.batch_size} is larger than the training split ({len(bundle.train)})")
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs,
+                                       warmup_epochs=min(cfg.warmup_epochs, max(cfg.epochs - 1, 0)),
+                                       warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=bundle.num_classes)
+    criterion: nn.Module = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
+
+    start_epoch = 0
+    if checkpoint is not None:
+        own = {k: v for k, v in checkpoint.weights.items() if not k.startswith(EMA_PREFIX)}
+        load_model_weights(model, own, stage)
+        if ema is not None:
+            ema_weights = {k[len(EMA_PREFIX):]: v for k, v in checkpoint.weights.items() if k.startswith(EMA_PREFIX)}
+            load_model_weights(ema.module, ema_weights, f"{stage} (EMA)")
+        try:
+            optimizer.load_state_dict(checkpoint.state["optimizer"])
+            scheduler.load_state_dict(checkpoint.state["scheduler"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"training state in {stage} does not fit this retraining ({exc})") from None
+        start_epoch = checkpoint.epoch + 1
+        if ctx.is_main:
+            console.print(f"resuming {stage} after epoch {checkpoint.epoch}")
+
+    train_model: nn.Module = model
+    if ctx.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    metrics_path = stage / "metrics.jsonl"
+    last: dict[str, Any] = {"epoch": start_epoch - 1}
+    with _progress() if ctx.is_main else contextlib.nullcontext() as progress:
+        task = progress.add_task(f"retrain {label}", total=(cfg.epochs - start_epoch) * updates_per_epoch,
+                                 info="") if progress else None
+        for epoch in range(start_epoch, cfg.epochs):
+            # Everything random in an epoch derives from (seed, epoch, rank): resumable exactly.
+            epoch_seed = cfg.seed * 100003 + epoch * 101 + ctx.rank
+            torch.manual_seed(epoch_seed)
+            random.seed(epoch_seed)  # RandAugment draws from `random`, Mixup/CutMix from numpy
+            np.random.seed(epoch_seed)
+            loader.generator.manual_seed(cfg.seed * 100003 + epoch)
+            if ctx.enabled:
+                loader.sampler.set_epoch(epoch)
+            model.train()
+            started = time.perf_counter()
+            loss_sum, seen = 0.0, 0
+            for step, (x, y) in enumerate(loader):
+                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+                if mixup is not None:
+                    x, y_train = mixup(x, y)
+                else:
+                    y_train = y
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(ctx.device):
+                    loss = criterion(train_model(x).float(), y_train)
+                loss.backward()
+                if cfg.clip_grad > 0:
+                    dispatch_clip_grad(model.parameters(), cfg.clip_grad)
+                optimizer.step()
+                global_step = epoch * updates_per_epoch + step + 1
+                scheduler.step_update(global_step)
+                if ema is not None:
+                    ema.update(model, step=global_step)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise RuntimeError(f"retraining diverged (loss {value}) at epoch {epoch} step {step}")
+                loss_sum += value * len(y)
+                seen += len(y)
+                if progress:
+                    progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {value:.3f}")
+            loss_sum, seen = distributed.all_reduce_sum(ctx, [loss_sum, seen])
+            last = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+                    "epoch_seconds": time.perf_counter() - started, "steps": updates_per_epoch,
+                    "world_size": ctx.world_size}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                model.eval()
+                last["val_top1"] = evaluate(model, val_loader, ctx.device, ctx)
+                if ema is not None:
+                    last["val_top1_ema"] = evaluate(ema.module, val_loader, ctx.device, ctx)
+            if ctx.is_main:
+                weights = dict(model.state_dict())
+                if ema is not None:
+                    weights.update({EMA_PREFIX + k: v for k, v in ema.module.state_dict().items()})
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "config": asdict(cfg), "arch": arch.to_dict(), "metrics": last}
+                save_checkpoint(stage, epoch, weights, state, {"space": space.name, "label": label})
+                _append_jsonl(metrics_path, last)
+                plot_training_curves(metrics_path, stage / "curves.png")
+                summary = ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k.startswith("val_top1"))
+                console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {last['train_loss']:.4f} {summary}")
+            distributed.barrier(ctx)
+            if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < cfg.epochs:
+                return TrainedModelInfo(label=label, arch=arch, space=space, class_names=bundle.class_names,
+                                        mean=bundle.mean, std=bundle.std, image_size=bundle.image_size,
+                                        data=data_spec, val_top1=None, extra={"stopped_after_epoch": epoch})
+
+    model.eval()
+    final = {"raw": evaluate(model, val_loader, ctx.device, ctx)}
+    if ema is not None:
+        final["ema"] = evaluate(ema.module, val_loader, ctx.device, ctx)
+    chosen = max(final, key=lambda k: final[k])
+    info = TrainedModelInfo(label=label, arch=arch, space=space, class_names=bundle.class_names, mean=bundle.mean,
+                            std=bundle.std, image_size=bundle.image_size, data=data_spec, val_top1=final[chosen],
+                            extra={"weights": chosen, "val_top1_raw": final["raw"],
+                                   "val_top1_ema": final.get("ema"), "epochs": cfg.epochs, "init": cfg.init,
+                                   "val_images": len(bundle.val), "recipe": asdict(cfg)})
+    if ctx.is_main:
+        final_model = ema.module if chosen == "ema" else model
+        save_trained_model(run, final_model.to("cpu"), info)
+        console.print(f"retrained {label}: validation top-1 {final[chosen]:.2f} % ({chosen} weights) -> {stage}")
+    distributed.barrier(ctx)
+    return info
+
+
+def _auto_augment(cfg: RetrainConfig) -> str | None:
+    return None if cfg.rand_augment in ("", "none", "None") else cfg.rand_augment
+
+
+def _inherited_weights(run: RunDir, arch: Arch, cfg: RetrainConfig, bundle: Any) -> dict[str, torch.Tensor]:
+    """The supernet's weights for `arch`, BatchNorm recalibrated on training images."""
+    supernet, _ = load_supernet(run)
+    standalone = supernet.extract(arch)
+    recalibrate_bn(standalone, calibration_batches(bundle, cfg.batch_size, cfg.calib_batches, torch.device("cpu")))
+    return standalone.state_dict()
+
+
+def load_metrics(stage: Path) -> list[dict[str, Any]]:
+    path = stage / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -106,3 +106,13 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"checkpoint {source} does not fit this model: {first}") from None
+
+
+def restore_training_state(checkpoint: Checkpoint, optimizer: Any, scheduler: Any, stage_dir: Path) -> int:
+    """Load the optimizer and scheduler state of a checkpoint; returns the epoch to continue from."""
+    try:
+        optimizer.load_state_dict(checkpoint.state["optimizer"])
+        scheduler.load_state_dict(checkpoint.state["scheduler"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"training state in {stage_dir} does not fit this training ({exc})") from None
+    return checkpoint.epoch + 1

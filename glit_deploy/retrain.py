@@ -32,7 +32,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 
 from glit_deploy import distributed
-from glit_deploy.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from glit_deploy.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
 from glit_deploy.data import deit_train_transform, load_data, make_loader, set_train_transform
 from glit_deploy.errors import CheckpointError, RunError
 from glit_deploy.nn import GLiT, recalibrate_bn
@@ -184,12 +184,7 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
         if ema is not None:
             ema_weights = {k[len(EMA_PREFIX):]: v for k, v in checkpoint.weights.items() if k.startswith(EMA_PREFIX)}
             load_model_weights(ema.module, ema_weights, f"{stage} (EMA)")
-        try:
-            optimizer.load_state_dict(checkpoint.state["optimizer"])
-            scheduler.load_state_dict(checkpoint.state["scheduler"])
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"training state in {stage} does not fit this retraining ({exc})") from None
-        start_epoch = checkpoint.epoch + 1
+        start_epoch = restore_training_state(checkpoint, optimizer, scheduler, stage)
         if ctx.is_main:
             console.print(f"resuming {stage} after epoch {checkpoint.epoch}")
 

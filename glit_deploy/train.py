@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from glit_deploy import distributed
-from glit_deploy.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from glit_deploy.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
 from glit_deploy.data import DataBundle, load_data, make_loader
 from glit_deploy.errors import CheckpointError, RunError
 from glit_deploy.nn import Supernet, extreme_arch, recalibrate_bn
@@ -190,12 +190,7 @@ def train_stage(stage_dir: Path, space: SearchSpace, bundle: DataBundle, cfg: Tr
     start_epoch = 0
     if checkpoint is not None:
         load_model_weights(model, checkpoint.weights, stage_dir)
-        try:
-            optimizer.load_state_dict(checkpoint.state["optimizer"])
-            scheduler.load_state_dict(checkpoint.state["scheduler"])
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"training state in {stage_dir} does not fit this run ({exc})") from None
-        start_epoch = checkpoint.epoch + 1
+        start_epoch = restore_training_state(checkpoint, optimizer, scheduler, stage_dir)
         if ctx.is_main:
             console.print(f"resuming {stage_dir} after epoch {checkpoint.epoch}")
 

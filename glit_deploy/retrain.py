@@ -40,7 +40,7 @@ from glit_deploy.plots import plot_training_curves
 from glit_deploy.rundir import RunDir
 from glit_deploy.search.evolution import budget_label, parse_latency
 from glit_deploy.space import Arch
-from glit_deploy.train import _append_jsonl, _autocast, _progress, calibration_batches, evaluate, load_supernet
+from glit_deploy.train import append_jsonl, autocast, calibration_batches, evaluate, load_supernet, training_progress
 from glit_deploy.trained import INFO_FILE, TrainedModelInfo, load_trained_info, retrain_dir, save_trained_model
 
 console = Console(stderr=True)
@@ -194,7 +194,7 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     metrics_path = stage / "metrics.jsonl"
     last: dict[str, Any] = {"epoch": start_epoch - 1}
-    with _progress() if ctx.is_main else contextlib.nullcontext() as progress:
+    with training_progress() if ctx.is_main else contextlib.nullcontext() as progress:
         task = progress.add_task(f"retrain {label}", total=(cfg.epochs - start_epoch) * updates_per_epoch,
                                  info="") if progress else None
         for epoch in range(start_epoch, cfg.epochs):
@@ -216,7 +216,7 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
                 else:
                     y_train = y
                 optimizer.zero_grad(set_to_none=True)
-                with _autocast(ctx.device):
+                with autocast(ctx.device):
                     loss = criterion(train_model(x).float(), y_train)
                 loss.backward()
                 if cfg.clip_grad > 0:
@@ -249,7 +249,7 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
                 state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "config": asdict(cfg), "arch": arch.to_dict(), "metrics": last}
                 save_checkpoint(stage, epoch, weights, state, {"space": space.name, "label": label})
-                _append_jsonl(metrics_path, last)
+                append_jsonl(metrics_path, last)
                 plot_training_curves(metrics_path, stage / "curves.png")
                 summary = ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k.startswith("val_top1"))
                 console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {last['train_loss']:.4f} {summary}")

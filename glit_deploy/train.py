@@ -77,7 +77,7 @@ def step_archs(space: SearchSpace, cfg: TrainConfig, epoch: int, step: int) -> l
         space.sample(rng) for _ in range(cfg.sandwich_random)]
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
@@ -91,7 +91,7 @@ def evaluate(forward: Callable[[Tensor], Tensor], loader: DataLoader, device: to
     correct = total = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device):
+        with autocast(device):
             correct += int((forward(x).argmax(-1) == y).sum())
         total += len(y)
     if ctx is not None:
@@ -119,7 +119,7 @@ def evaluate_subnet(supernet: Supernet, arch: Arch, bundle: DataBundle, batch_si
     return evaluate(lambda x: supernet(x, arch), loader, device, ctx)
 
 
-def _progress() -> Progress:
+def training_progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console, transient=False)
@@ -208,7 +208,7 @@ def train_stage(stage_dir: Path, space: SearchSpace, bundle: DataBundle, cfg: Tr
     if cfg.split is not None:
         probes = {"split_middle": space.with_split(cfg.split)}
     last: dict[str, Any] = {"epoch": start_epoch - 1}
-    with _progress() if ctx.is_main else contextlib.nullcontext() as progress:
+    with training_progress() if ctx.is_main else contextlib.nullcontext() as progress:
         total_steps = (cfg.epochs - start_epoch) * updates_per_epoch
         task = progress.add_task("supernet", total=total_steps, info="") if progress else None
         for epoch in range(start_epoch, cfg.epochs):
@@ -256,7 +256,7 @@ def train_stage(stage_dir: Path, space: SearchSpace, bundle: DataBundle, cfg: Tr
                 state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "config": asdict(cfg), "metrics": last}
                 save_checkpoint(stage_dir, epoch, model.state_dict(), state, {"space": space.name})
-                _append_jsonl(metrics_path, last)
+                append_jsonl(metrics_path, last)
                 if any(k.startswith("val_top1") for k in last):
                     plot_training_curves(metrics_path, stage_dir / "curves.png")
                 summary = ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k.startswith("val_top1"))
@@ -273,7 +273,7 @@ def _train_step(model: nn.Module, x: Tensor, y: Tensor, archs: list[Arch], crite
     def backward(loss: Tensor) -> None:
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    with _autocast(device):
+    with autocast(device):
         logits = model(x, archs[0])
         loss = criterion(logits, y)
     backward(loss)
@@ -281,13 +281,13 @@ def _train_step(model: nn.Module, x: Tensor, y: Tensor, archs: list[Arch], crite
     if len(archs) > 1:
         teacher = F.softmax(logits.detach().float(), dim=-1)
         for arch in archs[1:]:
-            with _autocast(device):
+            with autocast(device):
                 student_loss = distill(model(x, arch).float(), teacher)
             backward(student_loss)
     return total
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")

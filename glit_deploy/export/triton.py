@@ -87,6 +87,14 @@ def onnx_tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return specs(model.graph.input), specs(model.graph.output)
 
 
+def _write_model(model_dir: Path, source: Path, file_name: str, labels: str, config: str) -> None:
+    """One Triton model: version 1 holding the model file, its labels and config.pbtxt."""
+    (model_dir / "1").mkdir(parents=True)
+    shutil.copyfile(source, model_dir / "1" / file_name)
+    (model_dir / LABELS_FILE).write_text(labels)
+    (model_dir / "config.pbtxt").write_text(config)
+
+
 def write_triton_repository(run: RunDir, max_batch: int = 32, label: str | None = None,
                             report: Any = None) -> dict[str, Any]:
     """Write (replace) export/triton/ from the run's exported ONNX model and, if built, its TensorRT engine."""
@@ -104,12 +112,8 @@ def write_triton_repository(run: RunDir, max_batch: int = 32, label: str | None 
     inputs, outputs = onnx_tensor_specs(out / ONNX_FILE)
     models = {}
 
-    onnx_dir = staging / ONNX_MODEL
-    (onnx_dir / "1").mkdir(parents=True)
-    shutil.copyfile(out / ONNX_FILE, onnx_dir / "1" / "model.onnx")
-    (onnx_dir / LABELS_FILE).write_text(labels)
-    (onnx_dir / "config.pbtxt").write_text(config_pbtxt(ONNX_MODEL, inputs, outputs, max_batch,
-                                                        backend="onnxruntime", label_file=LABELS_FILE))
+    _write_model(staging / ONNX_MODEL, out / ONNX_FILE, "model.onnx", labels,
+                 config_pbtxt(ONNX_MODEL, inputs, outputs, max_batch, backend="onnxruntime", label_file=LABELS_FILE))
     models[ONNX_MODEL] = {"backend": "onnxruntime", "max_batch_size": max_batch,
                           "source_sha256": exported.sidecar["sha256"]}
 
@@ -120,13 +124,10 @@ def write_triton_repository(run: RunDir, max_batch: int = 32, label: str | None 
                       for s in inputs]
         trt_outputs = [TensorSpec(s.name, TRITON_TYPES.get(engine["io"][s.name]["dtype"], s.dtype), s.dims)
                        for s in outputs]
-        trt_dir = staging / TRT_MODEL
-        (trt_dir / "1").mkdir(parents=True)
-        shutil.copyfile(out / ENGINE_FILE, trt_dir / "1" / "model.plan")
-        (trt_dir / LABELS_FILE).write_text(labels)
         # An engine serves at most its profile's max batch, so Triton must not batch beyond it.
-        (trt_dir / "config.pbtxt").write_text(config_pbtxt(TRT_MODEL, trt_inputs, trt_outputs, engine_max,
-                                                           platform="tensorrt_plan", label_file=LABELS_FILE))
+        _write_model(staging / TRT_MODEL, out / ENGINE_FILE, "model.plan", labels,
+                     config_pbtxt(TRT_MODEL, trt_inputs, trt_outputs, engine_max, platform="tensorrt_plan",
+                                  label_file=LABELS_FILE))
         models[TRT_MODEL] = {"platform": "tensorrt_plan", "max_batch_size": engine_max,
                              "tensorrt": engine["tensorrt"], "gpu": engine["gpu"], "precision": engine["precision"]}
 

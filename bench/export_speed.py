@@ -32,7 +32,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import json  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -46,6 +45,7 @@ from rich.table import Table  # noqa: E402
 from glit_deploy.export.onnx import export_onnx, onnx_bytes  # noqa: E402
 from glit_deploy.export.pipeline import optimize_onnx  # noqa: E402
 from glit_deploy.export.rewrite import prepare_for_export  # noqa: E402
+from glit_deploy.latency.measure import Protocol, time_interleaved  # noqa: E402
 from glit_deploy.nn import GLiT  # noqa: E402
 from glit_deploy.nn.counting import arch_cost  # noqa: E402
 from glit_deploy.runtimes import cpu_name  # noqa: E402
@@ -98,22 +98,6 @@ def gemm_runners(shapes: list[tuple[int, int]], rows: int) -> dict[str, tuple[Ca
     return {"sgemm torch": (run_torch, macs), "sgemm numpy": (run_numpy, macs)}
 
 
-def interleaved(runners: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Time each runner once per round, rotating the order every round; milliseconds."""
-    names = list(runners)
-    for _ in range(warmup):
-        for name in names:
-            runners[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            runners[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
 def bench_model(label: str, space_name: str, arch: Arch, num_classes: int, threads: int, batches: list[int],
                 rounds: int, with_gemm: bool, console: Console) -> dict:
     torch.manual_seed(0)
@@ -163,9 +147,10 @@ def bench_model(label: str, space_name: str, arch: Arch, num_classes: int, threa
                 runners[name] = run
                 gemm_macs[name] = gmacs
         with torch.inference_mode():
-            samples = interleaved(runners, rounds)
-        medians = {name: statistics.median(v) for name, v in samples.items()}
-        p90 = {name: statistics.quantiles(v, n=10)[-1] for name, v in samples.items()}
+            timings = time_interleaved({name: (run, None) for name, run in runners.items()},
+                                       Protocol(warmup=2, runs=rounds, min_seconds=0.0))
+        medians = {name: t.median_ms for name, t in timings.items()}
+        p90 = {name: t.p90_ms for name, t in timings.items()}
         rows = {}
         for name in runners:
             row = {"median_ms": medians[name], "p90_ms": p90[name]}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from glit_deploy.export.onnx import onnx_bytes
 from glit_deploy.latency import LatencyModel, Protocol, get_target, profile_latency
-from glit_deploy.latency.measure import summarise, time_runs
+from glit_deploy.latency.measure import summarise, time_interleaved, time_runs
 from glit_deploy.nn import extreme_arch
 from glit_deploy.nn.layers import Block
 from glit_deploy.runtimes import RuntimeUnavailable, ort_session
@@ -32,6 +33,25 @@ def test_timing_protocol() -> None:
     calls.clear()
     time_runs(lambda: calls.append(None), Protocol(warmup=0, runs=3, min_seconds=0.01, max_runs=50))
     assert len(calls) == 50  # kept timing up to max_runs to reach min_seconds
+
+
+def test_interleaved_timing_alternates_runners_and_tops_up_fast_ones() -> None:
+    calls: list[str] = []
+
+    def runner(name: str, seconds: float):
+        def run() -> None:
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    timings = time_interleaved({"slow": (runner("slow", 0.004), None), "fast": (runner("fast", 0.0), None)},
+                               Protocol(warmup=1, runs=6, min_seconds=0.02))
+    assert timings["slow"].median_ms >= 4.0 > timings["fast"].median_ms
+    assert timings["slow"].runs == 6  # 6 rounds of 4 ms already pass min_seconds
+    assert timings["fast"].runs > 6  # topped up within each round to reach min_seconds
+    timed = calls[2:]  # after one warm-up call each
+    switches = sum(a != b for a, b in itertools.pairwise(timed))
+    assert switches >= 6  # the two alternate round by round, not one block after the other
 
 
 def test_onnx_target_times_the_real_block() -> None:

@@ -3,8 +3,9 @@
 Rows: PyTorch eager (CPU, and CUDA with a GPU), onnxruntime on each available execution provider
 (plus the transformer-optimized ONNX when one was exported), and the TensorRT engine when one was
 built and TensorRT can load it. Each row is timed with the latency protocol of
-`glit_deploy.latency.measure` (warm-up, then many runs; median and p90). Rows run one after another,
-so on a shared machine compare rows of one run, not across runs.
+`glit_deploy.latency.measure` (warm-up, then many runs; median and p90). The rows of one batch size are
+timed interleaved, round by round, so their ratios hold on a shared machine; compare rows of one run,
+not across runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from glit_deploy.errors import GlitError
-from glit_deploy.latency.measure import Protocol, time_runs
+from glit_deploy.latency.measure import Protocol, time_interleaved
 from glit_deploy.latency.targets import cuda_event_timer, default_threads
 from glit_deploy.rundir import RunDir, atomic_write_text
 from glit_deploy.runtimes import RuntimeUnavailable, cpu_name, gpu_name, import_onnxruntime, ort_session
@@ -166,12 +167,16 @@ def bench_run(run: RunDir, batch_sizes: list[int], threads: int | None = None, p
     rows = []
     for batch_size in batch_sizes:
         batch = rng.standard_normal((batch_size, 3, image_size, image_size), dtype=np.float32)
+        active = []
         for rt in runtimes:
             if rt.max_batch is not None and batch_size > rt.max_batch:
                 notes.append(f"{rt.name} skipped at batch {batch_size}: the engine's profile ends at {rt.max_batch}")
-                continue
-            report(f"{rt.name}, batch {batch_size}")
-            timing = time_runs(rt.make(batch), protocol, rt.timer)
+            else:
+                active.append(rt)
+        report(f"batch {batch_size}: {', '.join(rt.name for rt in active)}, interleaved")
+        timings = time_interleaved({rt.name: (rt.make(batch), rt.timer) for rt in active}, protocol)
+        for rt in active:
+            timing = timings[rt.name]
             rows.append(BenchRow(rt.name, rt.device, batch_size, threads, timing.median_ms, timing.p90_ms,
                                  1e3 * batch_size / timing.median_ms, timing.runs, rt.model))
     atomic_write_text(export_dir(run) / BENCH_FILE, rows_to_csv(rows))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -60,6 +61,32 @@ def time_runs(run: Callable[[], None], protocol: Protocol,
         samples.append(ms)
         total += ms
     return summarise(samples)
+
+
+def time_interleaved(runners: dict[str, tuple[Callable[[], None], Callable[[Callable[[], None]], float] | None]],
+                     protocol: Protocol) -> dict[str, Timing]:
+    """Time several runners side by side: `protocol.runs` rounds, each runner timed in every round.
+
+    A shared machine drifts over seconds; timing the runners one after another puts that drift into
+    their ratios, interleaving spreads it over all of them. The order rotates every round. A runner
+    much faster than `min_seconds / runs` is timed several times per round so its total still
+    reaches `min_seconds`. `runners` maps a name to (run, timer or None for the host clock).
+    """
+    names = list(runners)
+    estimate: dict[str, float] = {}
+    for name in names:
+        run, timer = runners[name]
+        for _ in range(max(protocol.warmup, 1)):
+            estimate[name] = (timer or _host_timer)(run)
+    rounds = max(protocol.runs, 1)
+    per_round = {name: min(max(1, math.ceil(protocol.min_seconds * 1e3 / (rounds * max(estimate[name], 1e-6)))),
+                           max(protocol.max_runs // rounds, 1)) for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run, timer = runners[name]
+            samples[name].extend((timer or _host_timer)(run) for _ in range(per_round[name]))
+    return {name: summarise(values) for name, values in samples.items()}
 
 
 def _host_timer(run: Callable[[], None]) -> float:

@@ -5,6 +5,11 @@ error on held-out whole models next to the measurement's own repeat noise, and t
 took to build. Goal (ort-cpu, batch 1): mean absolute error <= 5 %, >= 95 % of models within
 +-10 %, and an error no larger than about the noise.
 
+On CPU targets every timing is normalised to a reference block timed alongside it. The same run
+also rebuilds the model from the clock's own readings (table, calibration and held-out models as
+timed, not normalised), so the two are compared on identical measurements: the row "clock" is what
+the table would be without normalisation.
+
     python bench/latency_model.py [--presets cifar glit-tiny] [--target ort-cpu] [--holdout 20] [--json-out F]
 """
 
@@ -19,8 +24,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from glit_deploy.latency import Protocol, get_target, profile_latency
-from glit_deploy.space import get_space
+from glit_deploy.latency import ErrorReport, LatencyModel, Protocol, get_target, profile_latency
+from glit_deploy.latency.table import fit_calibration
+from glit_deploy.space import Arch, get_space
 
 
 def main() -> None:
@@ -42,28 +48,49 @@ def main() -> None:
         target = get_target(args.target, args.threads or None)
         model = profile_latency(space, num_classes, target, args.batch_size, Protocol(),
                                 calibration_models=args.calibration, holdout_models=args.holdout)
-        r = model.report
-        measured = [p["measured_ms"] for p in r.points]
-        rows.append({"preset": preset, "device": model.key["device"], "threads": model.key["threads"],
-                     "blocks": len(model.block_ms), "build_seconds": model.build_seconds, "scale": model.scale,
-                     "offset_ms": model.offset_ms, "holdout": r.models, "mape": r.mape, "worst": r.worst,
-                     "within_5": r.within_5, "within_10": r.within_10, "noise": r.noise,
-                     "measured_range_ms": [min(measured), max(measured)], "points": r.points})
+        variants = {"normalised": model.report}
+        if model.clock is not None:
+            variants["clock"] = clock_report(model)
+        for variant, r in variants.items():
+            measured = [p["measured_ms"] for p in r.points]
+            rows.append({"preset": preset, "variant": variant, "device": model.key["device"],
+                         "threads": model.key["threads"], "blocks": len(model.block_ms),
+                         "build_seconds": model.build_seconds, "scale": model.scale, "offset_ms": model.offset_ms,
+                         "reference_ms": model.reference_ms, "reference_drift": model.reference_drift,
+                         "holdout": r.models, "mape": r.mape, "worst": r.worst, "within_5": r.within_5,
+                         "within_10": r.within_10, "noise": r.noise,
+                         "measured_range_ms": [min(measured), max(measured)], "points": r.points})
 
     table = Table(title=f"latency model on {args.target}, batch {args.batch_size}: error on held-out models")
-    for column in ("preset", "held-out", "latency range", "mean abs. error", "worst", "within 5 %", "within 10 %",
-                   "repeat noise", "table built in"):
+    for column in ("preset", "timings", "held-out", "latency range", "mean abs. error", "worst", "within 5 %",
+                   "within 10 %", "repeat noise", "table built in"):
         table.add_column(column)
     for r in rows:
         lo, hi = r["measured_range_ms"]
-        table.add_row(r["preset"], str(r["holdout"]), f"{lo:.3f}-{hi:.3f} ms", f"{r['mape']:.2f} %",
+        table.add_row(r["preset"], r["variant"], str(r["holdout"]), f"{lo:.3f}-{hi:.3f} ms", f"{r['mape']:.2f} %",
                       f"{r['worst']:.2f} %", f"{100 * r['within_5']:.0f} %", f"{100 * r['within_10']:.0f} %",
                       f"{r['noise']:.2f} %", f"{r['build_seconds']:.0f} s ({r['blocks']} blocks)")
     console = Console()
     console.print(table)
     console.print(f"device: {rows[0]['device']}, {rows[0]['threads']} thread(s)")
+    for r in rows:
+        if r["reference_ms"] is not None and r["variant"] == "normalised":
+            console.print(f"{r['preset']}: the reference block's speed moved {100 * r['reference_drift']:.1f} % "
+                          f"(p90/p10) during the build; timings rescaled to {r['reference_ms']:.4f} ms")
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=2))
+
+
+def clock_report(model: LatencyModel) -> ErrorReport:
+    """The same measurements as the clock read them: table, calibration and held-out error."""
+    clock = LatencyModel(key=model.key, block_ms=model.clock["block_ms"], stem_ms=model.clock["stem_ms"],
+                         head_ms=model.clock["head_ms"])
+    clock.calibration = [{"raw_ms": clock.raw_ms(Arch.from_dict(p["arch"])), "measured_ms": p["clock_ms"]}
+                         for p in model.calibration]
+    clock.scale, clock.offset_ms = fit_calibration(clock.calibration)
+    return ErrorReport.from_points([
+        {"digest": p["digest"], "predicted_ms": clock.predict_ms(Arch.from_dict(p["arch"])),
+         "measured_ms": p["clock_ms"], "repeat_ms": p["repeat_clock_ms"]} for p in model.report.points])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import torch
 
 from glit_deploy.export.onnx import onnx_bytes
 from glit_deploy.latency import LatencyModel, Protocol, get_target, profile_latency
-from glit_deploy.latency.measure import summarise, time_interleaved, time_runs
+from glit_deploy.latency.measure import Runner, Timing, summarise, time_interleaved, time_runs
+from glit_deploy.latency.table import Normaliser, measure_arch, reference_block
+from glit_deploy.latency.targets import Target
 from glit_deploy.nn import extreme_arch
 from glit_deploy.nn.layers import Block
 from glit_deploy.runtimes import RuntimeUnavailable, ort_session
@@ -89,13 +91,19 @@ def test_missing_runtime_is_one_clear_error(name: str, needs: str) -> None:
 def test_latency_table_and_its_cache() -> None:
     space = get_space("digits")
     target = get_target("ort-cpu", threads=1)
-    model = profile_latency(space, 10, target, protocol=FAST, calibration_models=4, holdout_models=4)
+    model = profile_latency(space, 10, target, protocol=FAST, calibration_models=4, holdout_models=4,
+                            use_cache=False)  # measured afresh, whichever test filled the cache before
     assert not model.cache_hit and len(model.block_ms) == len(space.block_choices()) == 198
     assert target.measurements == 198 + 2 + 6 + 2 * 4  # blocks, stem+head, calibration, held-out twice
     report = model.report
     assert report.models == 4 and 0 <= report.within_5 <= report.within_10 <= 1 and report.noise >= 0
     for point in report.points:
         assert point["predicted_ms"] > 0 and point["measured_ms"] > 0
+        # a CPU table rescales every timing to the reference block's quiet speed, and keeps the clock's
+        assert point["measured_ms"] == pytest.approx(
+            point["clock_ms"] * model.reference_ms / point["reference_clock_ms"])
+    assert model.reference_ms > 0 and model.reference_drift >= 0
+    assert model.clock["block_ms"].keys() == model.block_ms.keys()
     largest, smallest = extreme_arch(space, True), extreme_arch(space, False)
     assert model.predict_ms(largest) == pytest.approx(model.scale * model.raw_ms(largest) + model.offset_ms)
     assert model.block_range_ms(space, True) == pytest.approx(model.predict_ms(model.fastest_arch(space)))
@@ -111,6 +119,51 @@ def test_latency_table_and_its_cache() -> None:
                             protocol=Protocol(warmup=1, runs=3, min_seconds=0.0),
                             calibration_models=2, holdout_models=2)
     assert not other.cache_hit and other.key["batch_size"] == 2
+
+
+class DriftingTarget(Target):
+    """A CPU target whose machine runs `slowdown` times slower when told: each module sleeps in
+    proportion to its parameters, so the reference block and a model slow down together."""
+
+    name = "drifting-cpu"
+    slowdown = 1.0
+
+    def check(self) -> None:
+        pass
+
+    def _runner(self, module: torch.nn.Module, example: torch.Tensor) -> Runner:
+        seconds = 2e-8 * sum(p.numel() for p in module.parameters())
+
+        def run() -> None:
+            time.sleep(seconds * self.slowdown)
+
+        return run, None
+
+
+def test_normalisation_cancels_a_machine_slowing_down() -> None:
+    space = get_space("digits")
+    arch = extreme_arch(space, True)
+    target = DriftingTarget(threads=1)
+    protocol = Protocol(warmup=1, runs=8, min_seconds=0.0)
+    reference = target.measure(reference_block(space), torch.randn(1, space.num_tokens, space.embed_dim), protocol)
+    latency = LatencyModel(key={}, block_ms={}, stem_ms=0.0, head_ms=0.0, reference_ms=reference.median_ms)
+    quiet = measure_arch(arch, space, 10, target, protocol=protocol, latency=latency)
+    target.slowdown = 2.0
+    busy_clock = measure_arch(arch, space, 10, target, protocol=protocol)
+    busy = measure_arch(arch, space, 10, target, protocol=protocol, latency=latency)
+    assert busy_clock > 1.6 * quiet  # the clock sees the slowdown
+    assert busy == pytest.approx(quiet, rel=0.1)  # the rescaled latency does not
+
+
+def test_normaliser_follows_drift_and_ignores_one_reference_outlier() -> None:
+    # The machine runs at full speed, then half speed; one reference timing in the quiet part is an outlier.
+    refs = [1.0] * 20 + [2.0] * 20
+    refs[10] = 5.0
+    timings = [Timing(3.0 * r if i != 10 else 3.0, 0, 0, 5, reference_ms=r) for i, r in enumerate(refs)]
+    speed = Normaliser.from_timings(timings)
+    assert speed.reference_ms == pytest.approx(1.0) and speed.drift == pytest.approx(1.0)
+    assert speed.rescale(timings) == pytest.approx([3.0] * 40)  # the outlier did not bend its module's entry
+    assert Normaliser.from_timings([Timing(1.0, 1.0, 1.0, 5)]).reference_ms is None  # GPU: no reference
 
 
 def test_latency_cli(trained_digits_run: Path, tmp_path: Path) -> None:

@@ -272,6 +272,9 @@ def latency_profile_cmd(
     table.add_row("table", "cache hit (nothing measured)" if model.cache_hit else
                   f"measured in {model.build_seconds:.1f} s")
     table.add_row("block configurations", str(len(model.block_ms)))
+    if model.reference_ms is not None:
+        table.add_row("machine speed", f"drifted {100 * model.reference_drift:.1f} % during the build; every timing "
+                      f"rescaled to a reference block at {model.reference_ms:.4f} ms")
     table.add_row("calibration", f"{model.scale:.4f} x sum of parts {model.offset_ms:+.4f} ms "
                   f"({len(model.calibration)} models)")
     lo, hi = model.block_range_ms(space, True), model.block_range_ms(space, False)

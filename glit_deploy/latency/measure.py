@@ -20,6 +20,10 @@ class Protocol:
         return asdict(self)
 
 
+Timer = Callable[[Callable[[], None]], float]  # times one run, in ms
+Runner = tuple[Callable[[], None], Timer | None]  # one inference, and its timer (None: the host clock)
+
+
 @dataclass(frozen=True)
 class Timing:
     """Latency of one input batch, in milliseconds."""
@@ -28,6 +32,7 @@ class Timing:
     p10_ms: float
     p90_ms: float
     runs: int
+    reference_ms: float | None = None  # median of a reference module timed interleaved with this one
 
     @property
     def spread(self) -> float:
@@ -44,8 +49,7 @@ def summarise(samples_ms: list[float]) -> Timing:
     return Timing(statistics.median(ordered), deciles[0], deciles[-1], len(ordered))
 
 
-def time_runs(run: Callable[[], None], protocol: Protocol,
-              timer: Callable[[Callable[[], None]], float] | None = None) -> Timing:
+def time_runs(run: Callable[[], None], protocol: Protocol, timer: Timer | None = None) -> Timing:
     """Warm up, then time `run` at least `protocol.runs` times and `protocol.min_seconds` in all.
 
     `timer(run)` returns one run's milliseconds; the default is the host's monotonic clock, which
@@ -63,8 +67,7 @@ def time_runs(run: Callable[[], None], protocol: Protocol,
     return summarise(samples)
 
 
-def time_interleaved(runners: dict[str, tuple[Callable[[], None], Callable[[Callable[[], None]], float] | None]],
-                     protocol: Protocol) -> dict[str, Timing]:
+def time_interleaved(runners: dict[str, Runner], protocol: Protocol) -> dict[str, Timing]:
     """Time several runners side by side: `protocol.runs` rounds, each runner timed in every round.
 
     A shared machine drifts over seconds; timing the runners one after another puts that drift into

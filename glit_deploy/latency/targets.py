@@ -20,6 +20,7 @@ import os
 import platform
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from glit_deploy.errors import GlitError
 from glit_deploy.export.onnx import onnx_bytes
 from glit_deploy.export.rewrite import prepare_for_export
-from glit_deploy.latency.measure import Protocol, Timing, time_runs
+from glit_deploy.latency.measure import Protocol, Runner, Timing, time_interleaved, time_runs
 from glit_deploy.runtimes import (
     INSTALL_HINT,
     RuntimeUnavailable,
@@ -65,7 +66,7 @@ class Target(ABC):
         """Raise RuntimeUnavailable when the runtime or the device is missing."""
 
     @abstractmethod
-    def _runner(self, module: nn.Module, example: Tensor) -> tuple[Callable[[], None], Callable | None]:
+    def _runner(self, module: nn.Module, example: Tensor) -> Runner:
         """A zero-argument callable running one inference, and an optional per-run timer."""
 
     def runtime_versions(self) -> dict[str, str]:
@@ -79,11 +80,28 @@ class Target(ABC):
         return {"target": self.name, "device": self.device(), "machine": platform.machine(),
                 "threads": self.threads, "versions": self.runtime_versions()}
 
-    def measure(self, module: nn.Module, example: Tensor, protocol: Protocol) -> Timing:
+    @property
+    def shares_host(self) -> bool:
+        """Whether other work on the machine slows this target down (CPU targets), so that its
+        measurements are worth normalising against a reference timed alongside."""
+        return self.device_kind == "cpu"
+
+    def runner(self, module: nn.Module, example: Tensor) -> Runner:
+        """A ready-to-time inference of `module` on this target (built once, timed many times)."""
         self.check()
-        run, timer = self._runner(module.eval(), example)
+        return self._runner(module.eval(), example)
+
+    def measure(self, module: nn.Module, example: Tensor, protocol: Protocol, reference: Runner | None = None
+                ) -> Timing:
+        """Time `module`; with a `reference` runner, the two are timed interleaved and the timing
+        carries the reference's median, which tells how fast the machine was running just then."""
+        run, timer = self.runner(module, example)
         with torch.inference_mode():
-            timing = time_runs(run, protocol, timer)
+            if reference is None:
+                timing = time_runs(run, protocol, timer)
+            else:
+                both = time_interleaved({"module": (run, timer), "reference": reference}, protocol)
+                timing = replace(both["module"], reference_ms=both["reference"].median_ms)
         self.measurements += 1
         return timing
 
@@ -98,7 +116,7 @@ class TorchTarget(Target):
         if self.device_kind == "cuda":
             require_cuda(f"target {self.name}")
 
-    def _runner(self, module: nn.Module, example: Tensor) -> tuple[Callable[[], None], Callable | None]:
+    def _runner(self, module: nn.Module, example: Tensor) -> Runner:
         torch.set_num_threads(self.threads)
         device = torch.device(self.device_kind)
         module = module.to(device)
@@ -139,7 +157,7 @@ class OrtTarget(Target):
     def runtime_versions(self) -> dict[str, str]:
         return {"onnxruntime": import_onnxruntime().__version__, "torch": torch.__version__}
 
-    def _runner(self, module: nn.Module, example: Tensor) -> tuple[Callable[[], None], Callable | None]:
+    def _runner(self, module: nn.Module, example: Tensor) -> Runner:
         session = ort_session(deployed_onnx(module, example), self.provider, self.threads)
         x = example.cpu().numpy()
         if self.device_kind == "cpu":
@@ -172,7 +190,7 @@ class TensorRTTarget(Target):
     def runtime_versions(self) -> dict[str, str]:
         return {"tensorrt": import_tensorrt().__version__, "torch": torch.__version__}
 
-    def _runner(self, module: nn.Module, example: Tensor) -> tuple[Callable[[], None], Callable | None]:
+    def _runner(self, module: nn.Module, example: Tensor) -> Runner:
         from glit_deploy.export.tensorrt import TensorRTRunner, build_engine
 
         engine = build_engine(deployed_onnx(module, example), shapes={"input": tuple(example.shape)})

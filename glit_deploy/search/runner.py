@@ -85,7 +85,8 @@ def _search(run: RunDir, budgets_ms: list[float | str], target: Target, batch_si
         return [mine[i] for i in range(len(archs))]
 
     def measure(arch: Arch) -> float:
-        value = measure_arch(arch, space, supernet.num_classes, target, batch_size, protocol) if ctx.is_main else None
+        value = (measure_arch(arch, space, supernet.num_classes, target, batch_size, protocol, latency)
+                 if ctx.is_main else None)
         return _broadcast(ctx, value)
 
     search_state: dict[str, Any] = {}

@@ -48,14 +48,14 @@ def main() -> None:
         target = get_target(args.target, args.threads or None)
         model = profile_latency(space, num_classes, target, args.batch_size, Protocol(),
                                 calibration_models=args.calibration, holdout_models=args.holdout)
-        variants = {"normalised": model.report}
+        variants = {"normalised": (model.report, model)}
         if model.clock is not None:
-            variants["clock"] = clock_report(model)
-        for variant, r in variants.items():
+            variants["clock"] = clock_model(model)
+        for variant, (r, fitted) in variants.items():
             measured = [p["measured_ms"] for p in r.points]
             rows.append({"preset": preset, "variant": variant, "device": model.key["device"],
                          "threads": model.key["threads"], "blocks": len(model.block_ms),
-                         "build_seconds": model.build_seconds, "scale": model.scale, "offset_ms": model.offset_ms,
+                         "build_seconds": model.build_seconds, "scale": fitted.scale, "offset_ms": fitted.offset_ms,
                          "reference_ms": model.reference_ms, "reference_drift": model.reference_drift,
                          "holdout": r.models, "mape": r.mape, "worst": r.worst, "within_5": r.within_5,
                          "within_10": r.within_10, "noise": r.noise,
@@ -81,16 +81,17 @@ def main() -> None:
         args.json_out.write_text(json.dumps(rows, indent=2))
 
 
-def clock_report(model: LatencyModel) -> ErrorReport:
-    """The same measurements as the clock read them: table, calibration and held-out error."""
+def clock_model(model: LatencyModel) -> tuple[ErrorReport, LatencyModel]:
+    """The same measurements as the clock read them: held-out error, and the table and calibration."""
     clock = LatencyModel(key=model.key, block_ms=model.clock["block_ms"], stem_ms=model.clock["stem_ms"],
                          head_ms=model.clock["head_ms"])
     clock.calibration = [{"raw_ms": clock.raw_ms(Arch.from_dict(p["arch"])), "measured_ms": p["clock_ms"]}
                          for p in model.calibration]
     clock.scale, clock.offset_ms = fit_calibration(clock.calibration)
-    return ErrorReport.from_points([
+    report = ErrorReport.from_points([
         {"digest": p["digest"], "predicted_ms": clock.predict_ms(Arch.from_dict(p["arch"])),
          "measured_ms": p["clock_ms"], "repeat_ms": p["repeat_clock_ms"]} for p in model.report.points])
+    return report, clock
 
 
 if __name__ == "__main__":

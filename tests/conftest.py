@@ -44,7 +44,8 @@ def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(reuse, run)
         return run
     glit("train-supernet", "--run", str(run), "--space", "digits", "--data", "digits", "--epochs", "20",
-         "--batch-size", "32", "--lr", "2e-3", "--sandwich", "--eval-every", "20", "--threads", "2")
+         "--batch-size", "32", "--lr", "2e-3", "--sandwich", "--eval-every", "20", "--threads", "2",
+         timeout=1800)  # about 4 min on an idle 2-core machine; far longer when it is busy
     return run
 
 

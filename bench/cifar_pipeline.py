@@ -13,9 +13,9 @@ Each retraining lands in retrain/BUDGET-EPOCHSep-INIT of its search run, so runs
 collide. Rerunning continues retrainings that were interrupted (their checkpoints are per epoch). On a
 small machine the two retrainings can run side by side, one thread each, and a last call collects them:
 
-    python bench/cifar_pipeline.py --epochs 20 --only glit --threads 1 &
-    python bench/cifar_pipeline.py --epochs 20 --only all-global --threads 1 &
-    wait; python bench/cifar_pipeline.py --epochs 20 --json-out bench/out/cifar_pipeline.json
+    python bench/cifar_pipeline.py --epochs 20 --budget 1.51ms --only glit --threads 1 &
+    python bench/cifar_pipeline.py --epochs 20 --budget 1.51ms --only all-global --threads 1 &
+    wait; python bench/cifar_pipeline.py --epochs 20 --budget 1.51ms --json-out bench/out/cifar_pipeline.json
 """
 
 from __future__ import annotations

@@ -225,26 +225,23 @@ def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_
 
     timings = [*blocks.values(), stem, head, *calib, *(t for pair in holdout for t in pair)]  # in time order
     speed = Normaliser.from_timings(timings)
-    rescaled = iter(speed.rescale(timings))
-    model = LatencyModel(key=key, block_ms={k: next(rescaled) for k in blocks}, stem_ms=next(rescaled),
-                         head_ms=next(rescaled), reference_ms=speed.reference_ms, reference_drift=speed.drift)
+    values, clocks = speed.rescale(timings), speed.clock_fields(timings)
+    n = len(blocks)
+    model = LatencyModel(key=key, block_ms=dict(zip(blocks, values[:n], strict=True)), stem_ms=values[n],
+                         head_ms=values[n + 1], reference_ms=speed.reference_ms, reference_drift=speed.drift)
     if speed.reference_ms is not None:
         model.clock = {"block_ms": {k: t.median_ms for k, t in blocks.items()}, "stem_ms": stem.median_ms,
                        "head_ms": head.median_ms}
-    fields_of = iter(speed.clock_fields(timings))
-    for _ in range(len(blocks) + 2):
-        next(fields_of)
-    for arch in calib_archs:
+    first_calib = n + 2
+    for i, arch in enumerate(calib_archs, first_calib):
         model.calibration.append({"digest": arch.digest, "arch": arch.to_dict(), "raw_ms": model.raw_ms(arch),
-                                  "measured_ms": next(rescaled), **next(fields_of)})
+                                  "measured_ms": values[i], **clocks[i]})
     model.scale, model.offset_ms = fit_calibration(model.calibration)
     points = []
-    for arch in holdout_archs:
-        first, second = next(rescaled), next(rescaled)
-        first_clock, second_clock = next(fields_of), next(fields_of)
+    for i, arch in zip(range(first_calib + len(calib), len(timings), 2), holdout_archs, strict=True):
         points.append({"digest": arch.digest, "arch": arch.to_dict(), "predicted_ms": model.predict_ms(arch),
-                       "measured_ms": first, "repeat_ms": second, **first_clock,
-                       **{f"repeat_{k}": v for k, v in second_clock.items()}})
+                       "measured_ms": values[i], "repeat_ms": values[i + 1], **clocks[i],
+                       **{f"repeat_{k}": v for k, v in clocks[i + 1].items()}})
     model.report = ErrorReport.from_points(points) if points else None
     model.build_seconds = time.perf_counter() - started
     model.save(cache_path)

@@ -43,7 +43,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from glit_deploy.export.onnx import export_onnx, onnx_bytes  # noqa: E402
-from glit_deploy.export.pipeline import optimize_onnx  # noqa: E402
+from glit_deploy.export.onnx_export import optimize_onnx  # noqa: E402
 from glit_deploy.export.rewrite import prepare_for_export  # noqa: E402
 from glit_deploy.latency.measure import Protocol, time_interleaved  # noqa: E402
 from glit_deploy.nn import GLiT  # noqa: E402
@@ -148,7 +148,7 @@ def bench_model(label: str, space_name: str, arch: Arch, num_classes: int, threa
                 gemm_macs[name] = gmacs
         with torch.inference_mode():
             timings = time_interleaved({name: (run, None) for name, run in runners.items()},
-                                       Protocol(warmup=2, runs=rounds, min_seconds=0.0))
+                                       Protocol(warmup=2, min_rounds=rounds, ci_target=1.0, max_seconds=1e9))
         medians = {name: t.median_ms for name, t in timings.items()}
         p90 = {name: t.p90_ms for name, t in timings.items()}
         rows = {}

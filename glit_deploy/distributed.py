@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,3 +70,30 @@ def all_reduce_sum(ctx: DistContext, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def broadcast_object(ctx: DistContext, value: Any) -> Any:
+    """Rank 0's `value` on every rank (what rank 0 decided, so that ranks never decide apart)."""
+    if not ctx.enabled:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def decided_on_main(ctx: DistContext, decide: Callable[[], Any]) -> Any:
+    """Run `decide` on rank 0 only and share its result; a GlitError raised there is raised on every
+    rank, with the same message, instead of leaving the other ranks waiting in a collective."""
+    from glit_deploy.errors import GlitError
+
+    outcome: tuple[str, Any] = ("ok", None)
+    if ctx.is_main:
+        try:
+            outcome = ("ok", decide())
+        except GlitError as exc:
+            outcome = ("error", (type(exc), str(exc)))
+    kind, value = broadcast_object(ctx, outcome)
+    if kind == "error":
+        error_type, message = value
+        raise error_type(message)
+    return value

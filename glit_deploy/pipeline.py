@@ -135,10 +135,10 @@ def _latency(run: RunDir, cfg: PipelineConfig) -> None:
 
 
 def _search(run: RunDir, cfg: PipelineConfig) -> None:
-    from glit_deploy.search import SearchConfig, parse_latency
+    from glit_deploy.search import Budget, SearchConfig
     from glit_deploy.search.runner import search
 
-    budget: float | str = cfg.latency_budget if cfg.latency_budget == "auto" else parse_latency(cfg.latency_budget)
+    budget: Budget | str = cfg.latency_budget if cfg.latency_budget == "auto" else Budget.parse(cfg.latency_budget)
     search_cfg = SearchConfig(population=cfg.population, generations=cfg.generations, parents=cfg.parents,
                               mutations=cfg.children, crossovers=cfg.children, seed=cfg.seed)
     summary = search(run, [budget], _target(cfg), cfg.batch_size, search_cfg, resume=True,
@@ -210,5 +210,6 @@ def pipeline_summary(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
             "budget_ms": winner["budget_ms"], "measured_ms": winner["measured_ms"],
             "predicted_ms": winner["predicted_ms"], "supernet_val_top1": winner["top1"],
             "retrained_val_top1": info.val_top1, "arch_digest": info.arch.digest, "params": winner.get("params"),
-            "macs": winner.get("macs"), "parity": export_info.get("parity"), "files": [str(p) for p in files],
+            "macs": winner.get("macs"), "parity": export_info.get("parity"),
+            "deployed_latency": export_info.get("latency"), "files": [str(p) for p in files],
             "serve_command": f"glit serve --model {export_dir / 'model.onnx'}"}

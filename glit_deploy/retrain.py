@@ -35,10 +35,10 @@ from glit_deploy import distributed
 from glit_deploy.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
 from glit_deploy.data import deit_train_transform, load_data, make_loader, set_train_transform
 from glit_deploy.errors import CheckpointError, RunError
+from glit_deploy.latency.budget import Budget
 from glit_deploy.nn import GLiT, recalibrate_bn
 from glit_deploy.plots import plot_training_curves
 from glit_deploy.rundir import RunDir
-from glit_deploy.search.evolution import budget_label, parse_latency
 from glit_deploy.space import Arch
 from glit_deploy.train import append_jsonl, autocast, calibration_batches, evaluate, load_supernet, training_progress
 from glit_deploy.trained import INFO_FILE, TrainedModelInfo, load_trained_info, retrain_dir, save_trained_model
@@ -98,7 +98,7 @@ def resolve_retrain_arch(run: RunDir, arch_spec: str | None, budget: str | None)
     search_dir = run.path / "search"
     winners = sorted(p.name.removeprefix("best-").removesuffix(".json") for p in search_dir.glob("best-*.json"))
     if budget:
-        label = budget_label(parse_latency(budget))
+        label = Budget.parse(budget).label
         if label not in winners:
             raise RunError(f"{run.path} has no search winner for budget {label} "
                            f"(winners: {', '.join(winners) or 'none; run `glit search` first'})")

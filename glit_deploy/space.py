@@ -151,7 +151,7 @@ class Arch:
         return cls.from_json(text, source=str(path))
 
     def save(self, path: str | Path, **extra: Any) -> None:
-        from glit_deploy.rundir import atomic_write_text
+        from glit_deploy.atomic_io import atomic_write_text
 
         payload = {**extra, **self.to_dict()}
         atomic_write_text(Path(path), json.dumps(payload, indent=2) + "\n")

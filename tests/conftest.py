@@ -32,7 +32,7 @@ def latency_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Small but real latency settings for tests: every block configuration is still measured.
-FAST_LATENCY = ["--calibration-models", "4", "--holdout-models", "4", "--warmup", "3", "--runs", "10"]
+FAST_LATENCY = ["--calibration-models", "4", "--holdout-models", "4", "--warmup", "3", "--rounds", "4"]
 
 
 @pytest.fixture(scope="session")

@@ -120,7 +120,11 @@ def test_export_writes_checked_model_and_sidecar(exported_run: Path) -> None:
     assert side["checks"]["rewrite"]["max_abs_diff"] <= 1e-4
     opt = side["optimized"]
     assert opt["sha256"] == _sha256(out / opt["file"]) and opt["parity"]["passed"]
-    assert not (out / "rejected").exists()
+    assert not (out / "rejected").exists() and not (out / "staging").exists()
+    # The file was timed as written, on the default target (this run has no search, hence no budget).
+    lat = side["latency"]
+    assert lat["measured"] and lat["target"] == "ort-cpu" and lat["batch_size"] == 1 and lat["budget_ms"] is None
+    assert lat["ci_ms"][0] <= lat["median_ms"] <= lat["ci_ms"][1] and lat["median_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
 
 
 def test_onnx_full_check_dynamic_batch_and_folded_graph(exported_run: Path) -> None:
@@ -186,6 +190,26 @@ def test_mismatched_model_fails_parity_with_the_diff(deployable_copy: Path) -> N
     assert rejected["sha256"] == _sha256(out / "rejected" / "model.onnx")
 
 
+def test_a_file_over_its_latency_budget_is_not_exported(deployable_copy: Path) -> None:
+    out = deployable_copy / "export"
+    proc = glit("export", "--run", str(deployable_copy), "--format", "onnx", "--latency-budget", "1us",
+                check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "measured over its budget on ort-cpu" in proc.stderr and "budget 0.001 ms" in proc.stderr
+    assert not (out / "model.onnx").exists() and not (out / "staging").exists()
+    rejected = json.loads((out / "rejected" / "model.json").read_text())
+    assert rejected["status"] == "failed" and rejected["latency"]["within_budget"] is False
+    assert rejected["latency"]["bound_ms"] > 0.001 and rejected["parity"]["passed"]
+    # Under a budget it meets, the same model exports, and the verdict is kept next to the file.
+    glit("export", "--run", str(deployable_copy), "--format", "onnx", "--latency-budget", "p99:1s")
+    lat = _sidecar(deployable_copy)["latency"]
+    assert lat["within_budget"] and lat["stat"] == "p99" and lat["bound_ms"] <= 1000 and lat["counted_runs"] >= 2000
+    assert not (out / "rejected").exists()
+    bad = glit("export", "--run", str(deployable_copy), "--format", "onnx", "--latency-budget", "p42:5ms",
+               check=False)
+    assert bad.returncode == 2 and "p42" in bad.stderr
+
+
 # --- Triton ---------------------------------------------------------------------------------------------
 
 def test_triton_repository_parses_and_matches_onnx(exported_run: Path) -> None:
@@ -245,14 +269,16 @@ def test_trt_engine_builds_and_matches_onnxruntime(exported_run: Path, tmp_path:
 # --- bench and CLI errors ---------------------------------------------------------------------------
 
 def test_bench_writes_csv_for_eager_and_onnxruntime(exported_run: Path) -> None:
-    proc = glit("bench", "--run", str(exported_run), "--batch-sizes", "1,4", "--runs", "3", "--warmup", "1")
+    proc = glit("bench", "--run", str(exported_run), "--batch-sizes", "1,4", "--rounds", "3", "--warmup", "1",
+                "--max-seconds", "1")
     assert "ort-cpu" in proc.stdout
     with open(exported_run / "export" / "bench.csv") as fh:
         rows = list(csv.DictReader(fh))
     seen = {(r["runtime"], int(r["batch_size"])) for r in rows}
     for runtime in ("torch-eager-cpu", "ort-cpu", "ort-cpu-optimized"):
         assert {(runtime, 1), (runtime, 4)} <= seen
-    assert all(float(r["median_ms"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+    assert all(float(r["ci_low_ms"]) <= float(r["median_ms"]) <= float(r["ci_high_ms"]) for r in rows)
+    assert all(float(r["median_ms"]) <= float(r["p99_ms"]) and float(r["images_per_s"]) > 0 for r in rows)
 
 
 def test_export_and_bench_need_an_exported_or_trained_model(tmp_path: Path) -> None:

@@ -4,40 +4,143 @@ import importlib.util
 import itertools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from glit_deploy.export.onnx import onnx_bytes
+from glit_deploy.errors import GlitError
+from glit_deploy.export.onnx import deployable_onnx, onnx_bytes
 from glit_deploy.latency import LatencyModel, Protocol, get_target, profile_latency
-from glit_deploy.latency.measure import Runner, Timing, summarise, time_interleaved, time_runs
-from glit_deploy.latency.table import Normaliser, measure_arch, reference_block
+from glit_deploy.latency.budget import Budget, decision_protocol
+from glit_deploy.latency.measure import DECISION, Runner, estimate, summarise, time_interleaved, time_runs
 from glit_deploy.latency.targets import Target
 from glit_deploy.nn import extreme_arch
 from glit_deploy.nn.layers import Block
+from glit_deploy.nn.model import GLiT
 from glit_deploy.runtimes import RuntimeUnavailable, ort_session
 from glit_deploy.space import get_space
 
 from .conftest import FAST_LATENCY, glit
 
-FAST = Protocol(warmup=3, runs=10)
+FAST = Protocol(warmup=3, min_rounds=4, min_counted=3, ci_target=0.05, max_seconds=0.3)
 
 
-def test_timing_protocol() -> None:
-    t = summarise([3.0, 1.0, 2.0, 10.0, 2.0])
-    assert t.median_ms == 2.0 and t.runs == 5 and t.p10_ms <= t.median_ms <= t.p90_ms
-    calls = []
-    timing = time_runs(lambda: calls.append(time.sleep(0.002)), Protocol(warmup=2, runs=5, min_seconds=0.0))
-    assert len(calls) == 7 and timing.runs == 5
-    assert timing.median_ms >= 2.0  # a 2 ms sleep never times faster than 2 ms
-    calls.clear()
-    time_runs(lambda: calls.append(None), Protocol(warmup=0, runs=3, min_seconds=0.01, max_runs=50))
-    assert len(calls) == 50  # kept timing up to max_runs to reach min_seconds
+def _controlled_rounds(values: list[float], runs: int = 5) -> list[list[float]]:
+    """Rounds whose single runs scatter a little around the given round values (controlled timings)."""
+    return [[v * (1 + 0.002 * ((k % 3) - 1)) for k in range(runs)] for v in values]
 
 
-def test_interleaved_timing_alternates_runners_and_tops_up_fast_ones() -> None:
+def test_estimate_rule_on_controlled_rounds_leaves_disturbed_rounds_out() -> None:
+    """Decision logic of the estimator, driven by controlled timings (not a latency measurement)."""
+    quiet, busy = [1.0, 1.01, 0.99, 1.02, 1.0, 0.995, 1.005, 1.01, 0.99, 1.0], [1.6, 1.62, 1.58, 1.61, 1.6, 2.5]
+    timing = estimate(_controlled_rounds(quiet + busy))
+    assert timing.rounds == 16 and timing.disturbed_rounds == 6
+    assert timing.median_ms == pytest.approx(1.0, rel=0.01)
+    assert timing.ci_low_ms <= timing.median_ms <= timing.ci_high_ms <= 1.03
+    assert timing.all_runs_median_ms > 1.0  # the plain median, disturbed rounds included, is reported beside it
+    assert timing.p10_ms <= timing.median_ms <= timing.p90_ms <= timing.p95_ms <= timing.p99_ms < 1.1
+    assert timing.runs == 80 and timing.counted_runs == 50
+    # With every round undisturbed, the estimate is the median of the round medians.
+    assert estimate(_controlled_rounds([2.0] * 7)).disturbed_rounds == 0
+    # Percentiles of a few samples never extrapolate below the fastest or above the slowest run.
+    few = summarise([1.0, 10.0, 11.0])
+    assert 1.0 <= few.p10_ms and few.p99_ms <= 11.0
+
+
+class FakeClock:
+    """A clock that advances by what the fake timer returns: timing logic without real time."""
+
+    def __init__(self, samples: list[float]) -> None:
+        self.samples, self.now, self.i = samples, 0.0, 0
+
+    def timer(self, run: Callable[[], None]) -> float:
+        ms = self.samples[self.i % len(self.samples)]
+        self.i += 1
+        self.now += ms / 1e3
+        return ms
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_time_runs_stops_when_the_interval_is_tight_or_at_the_time_cap() -> None:
+    """Stopping logic, driven by controlled timings (not a latency measurement)."""
+    steady = FakeClock([1.0])
+    timing = time_runs(lambda: None, Protocol(warmup=1, min_rounds=10), steady.timer, steady.clock)
+    assert timing.converged and timing.rounds == 10 and timing.runs == 50  # 5 ms rounds of 1 ms runs
+    # A slow model: the time cap ends timing before the rounds asked for, and the result says so.
+    slow = FakeClock([100.0])
+    capped = time_runs(lambda: None, Protocol(warmup=1, min_rounds=10, max_seconds=1.2), slow.timer, slow.clock)
+    assert not capped.converged and capped.rounds == 3 and capped.runs == 15
+    # A tail percentile budget keeps timing until enough single runs were counted.
+    many = FakeClock([1.0])
+    assert time_runs(lambda: None, Protocol(warmup=1, min_runs=400), many.timer, many.clock).counted_runs >= 400
+
+
+def test_budget_parsing_and_the_decision_by_upper_bound() -> None:
+    assert Budget.parse("5ms") == Budget(5.0) and Budget.parse("p99:8ms") == Budget(8.0, "p99")
+    assert Budget.parse("p95:800us") == Budget(0.8, "p95") and Budget.parse("median:2ms") == Budget(2.0)
+    assert Budget.from_label(Budget(8.0, "p99").label) == Budget(8.0, "p99") and Budget(5.0).label == "5ms"
+    for bad in ("p42:5ms", "fast", "p99:", "p99:-1ms"):
+        with pytest.raises(GlitError):
+            Budget.parse(bad)
+    # Controlled timings: a median under the budget whose interval reaches over it is rejected.
+    timing = estimate(_controlled_rounds([0.97, 0.975, 0.98, 0.985, 0.99, 0.995, 1.0, 1.005, 1.01, 0.97]))
+    assert timing.disturbed_rounds == 0 and timing.median_ms < 1.0 < timing.ci_high_ms
+    assert not Budget(1.0).accepts(timing) and Budget(1.02).accepts(timing)
+    assert Budget(1.05, "p99").bound_ms(timing) == timing.upper_ms["p99"] >= timing.p99_ms
+    assert decision_protocol([Budget(1.0, "p99")]).min_runs == 2000 and decision_protocol([Budget(1.0)]) == DECISION
+
+
+class SleepTarget(Target):
+    """A CPU target whose 'inference' sleeps in proportion to the module's parameters, `slowdown` times
+    longer in the stretches it is told to (a host that is busy for a while). Real clock readings."""
+
+    name = "sleep-cpu"
+
+    def __init__(self, slowdown: Callable[[int], float]) -> None:
+        super().__init__(threads=1)
+        self.slowdown, self.calls = slowdown, 0
+
+    def check(self) -> None:
+        pass
+
+    def _runner(self, module: torch.nn.Module, example: torch.Tensor) -> Runner:
+        seconds = 1e-8 * sum(p.numel() for p in module.parameters())
+
+        def run() -> None:
+            self.calls += 1
+            time.sleep(seconds * self.slowdown(self.calls))
+
+        return run, None
+
+
+def test_a_slower_machine_reads_slower_nothing_is_rescaled() -> None:
+    space = get_space("digits")
+    net = GLiT(extreme_arch(space, True), space, 10)
+    image = torch.randn(1, 3, 8, 8)
+    quiet = SleepTarget(lambda _: 1.0).measure(net, image, DECISION)
+    slow = SleepTarget(lambda _: 2.0).measure(net, image, DECISION)
+    assert slow.median_ms > 1.8 * quiet.median_ms  # what the clock reads is what is reported
+
+
+def test_bimodal_host_the_estimate_stays_at_the_undisturbed_latency() -> None:
+    space = get_space("digits")
+    net = GLiT(extreme_arch(space, True), space, 10)
+    image = torch.randn(1, 3, 8, 8)
+    quiet = SleepTarget(lambda _: 1.0).measure(net, image, DECISION)
+    # Whole stretches of 15 runs (3 rounds) run 1.6x slower, one stretch in three.
+    bimodal = SleepTarget(lambda call: 1.6 if (call // 15) % 3 == 1 else 1.0)
+    timing = bimodal.measure(net, image, DECISION)
+    assert timing.disturbed_rounds > 0
+    assert timing.median_ms == pytest.approx(quiet.median_ms, rel=0.08)
+    assert timing.all_runs_median_ms >= timing.median_ms
+
+
+def test_interleaved_timing_alternates_runners_and_sizes_their_rounds() -> None:
     calls: list[str] = []
 
     def runner(name: str, seconds: float):
@@ -47,10 +150,11 @@ def test_interleaved_timing_alternates_runners_and_tops_up_fast_ones() -> None:
         return run
 
     timings = time_interleaved({"slow": (runner("slow", 0.004), None), "fast": (runner("fast", 0.0), None)},
-                               Protocol(warmup=1, runs=6, min_seconds=0.02))
+                               Protocol(warmup=1, min_rounds=6, min_counted=3, ci_target=0.5, max_seconds=2.0))
     assert timings["slow"].median_ms >= 4.0 > timings["fast"].median_ms
-    assert timings["slow"].runs == 6  # 6 rounds of 4 ms already pass min_seconds
-    assert timings["fast"].runs > 6  # topped up within each round to reach min_seconds
+    assert timings["slow"].rounds == timings["fast"].rounds >= 6
+    assert timings["slow"].runs == 5 * timings["slow"].rounds  # 5 runs of 4 ms already fill a 5 ms round
+    assert timings["fast"].runs > 5 * timings["fast"].rounds  # a fast runner runs more often to fill its rounds
     timed = calls[2:]  # after one warm-up call each
     switches = sum(a != b for a, b in itertools.pairwise(timed))
     assert switches >= 6  # the two alternate round by round, not one block after the other
@@ -72,9 +176,31 @@ def test_targets_measure(name: str) -> None:
     target = get_target(name, threads=1)
     space = get_space("digits")
     timing = target.measure(Block(space, space.block_choices()[0]), torch.randn(1, 17, 48), FAST)
-    assert 0 < timing.p10_ms <= timing.median_ms <= timing.p90_ms and target.measurements == 1
+    assert 0 < timing.p10_ms <= timing.median_ms <= timing.p90_ms <= timing.p99_ms
+    assert timing.ci_low_ms <= timing.median_ms <= timing.ci_high_ms
+    assert timing.rounds >= FAST.min_rounds and target.measurements == 1
+    assert timing.counted_runs <= timing.runs and timing.disturbed_rounds < timing.rounds
     fp = target.fingerprint()
     assert fp["target"] == name and fp["threads"] == 1 and fp["versions"]
+
+
+def test_onnx_targets_time_the_graph_export_writes(tmp_path: Path) -> None:
+    """The graph a latency target times and the file `glit export` writes are the same graph."""
+    import onnx
+
+    space = get_space("digits")
+    net = GLiT(extreme_arch(space, True), space, 10).eval()
+    image = torch.randn(1, 3, 8, 8)
+    timed = onnx.load_from_string(deployable_onnx(net, image))
+    assert timed.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # the dynamic batch axis
+    path = tmp_path / "model.onnx"
+    path.write_bytes(deployable_onnx(net, image))
+    target = get_target("ort-cpu", threads=1)
+    for batch in (1, 3):
+        timing = target.measure_file(path, batch, FAST)
+        assert timing.median_ms > 0 and timing.rounds >= FAST.min_rounds
+    with pytest.raises(GlitError, match="PyTorch modules"):
+        get_target("torch-cpu", threads=1).measure_file(path, 1, FAST)
 
 
 @pytest.mark.parametrize("name, needs", [
@@ -95,17 +221,14 @@ def test_latency_table_and_its_cache() -> None:
                             use_cache=False)  # measured afresh, whichever test filled the cache before
     assert not model.cache_hit and len(model.block_ms) == len(space.block_choices()) == 198
     assert target.measurements == 198 + 2 + 6 + 2 * 4  # blocks, stem+head, calibration, held-out twice
+    assert model.rounds >= target.measurements * FAST.min_rounds and model.disturbed_rounds < model.rounds
     report = model.report
-    assert report.models == 4 and 0 <= report.within_5 <= report.within_10 <= 1 and report.noise >= 0
-    for point in report.points:
-        assert point["predicted_ms"] > 0 and point["measured_ms"] > 0
-        # a CPU table rescales every timing to the reference block's quiet speed, and keeps the clock's
-        assert point["measured_ms"] == pytest.approx(
-            point["clock_ms"] * model.reference_ms / point["reference_clock_ms"])
-    assert model.reference_ms > 0 and model.reference_drift >= 0
-    assert model.clock["block_ms"].keys() == model.block_ms.keys()
+    errors = [abs(p["predicted_ms"] / p["measured_ms"] - 1) * 100 for p in report.points]
+    assert report.models == 4 and report.mape == pytest.approx(sum(errors) / 4)
+    assert report.within_10 == sum(e <= 10 for e in errors) / 4 and report.worst == pytest.approx(max(errors))
     largest, smallest = extreme_arch(space, True), extreme_arch(space, False)
     assert model.predict_ms(largest) == pytest.approx(model.scale * model.raw_ms(largest) + model.offset_ms)
+    assert model.predict_ms(largest) > model.predict_ms(smallest)
     assert model.block_range_ms(space, True) == pytest.approx(model.predict_ms(model.fastest_arch(space)))
     assert model.block_range_ms(space, True) < model.predict_ms(smallest) or \
         model.fastest_arch(space) == smallest
@@ -115,55 +238,9 @@ def test_latency_table_and_its_cache() -> None:
     assert again.cache_hit and again_target.measurements == 0
     assert again.block_ms == model.block_ms and again.scale == model.scale
     # Another batch size is another key.
-    other = profile_latency(space, 10, get_target("ort-cpu", threads=1), batch_size=2,
-                            protocol=Protocol(warmup=1, runs=3, min_seconds=0.0),
+    other = profile_latency(space, 10, get_target("ort-cpu", threads=1), batch_size=2, protocol=FAST,
                             calibration_models=2, holdout_models=2)
     assert not other.cache_hit and other.key["batch_size"] == 2
-
-
-class DriftingTarget(Target):
-    """A CPU target whose machine runs `slowdown` times slower when told: each module sleeps in
-    proportion to its parameters, so the reference block and a model slow down together."""
-
-    name = "drifting-cpu"
-    slowdown = 1.0
-
-    def check(self) -> None:
-        pass
-
-    def _runner(self, module: torch.nn.Module, example: torch.Tensor) -> Runner:
-        seconds = 2e-8 * sum(p.numel() for p in module.parameters())
-
-        def run() -> None:
-            time.sleep(seconds * self.slowdown)
-
-        return run, None
-
-
-def test_normalisation_cancels_a_machine_slowing_down() -> None:
-    space = get_space("digits")
-    arch = extreme_arch(space, True)
-    target = DriftingTarget(threads=1)
-    protocol = Protocol(warmup=1, runs=8, min_seconds=0.0)
-    reference = target.measure(reference_block(space), torch.randn(1, space.num_tokens, space.embed_dim), protocol)
-    latency = LatencyModel(key={}, block_ms={}, stem_ms=0.0, head_ms=0.0, reference_ms=reference.median_ms)
-    quiet = measure_arch(arch, space, 10, target, protocol=protocol, latency=latency)
-    target.slowdown = 2.0
-    busy_clock = measure_arch(arch, space, 10, target, protocol=protocol)
-    busy = measure_arch(arch, space, 10, target, protocol=protocol, latency=latency)
-    assert busy_clock > 1.6 * quiet  # the clock sees the slowdown
-    assert busy == pytest.approx(quiet, rel=0.1)  # the rescaled latency does not
-
-
-def test_normaliser_follows_drift_and_ignores_one_reference_outlier() -> None:
-    # The machine runs at full speed, then half speed; one reference timing in the quiet part is an outlier.
-    refs = [1.0] * 20 + [2.0] * 20
-    refs[10] = 5.0
-    timings = [Timing(3.0 * r if i != 10 else 3.0, 0, 0, 5, reference_ms=r) for i, r in enumerate(refs)]
-    speed = Normaliser.from_timings(timings)
-    assert speed.reference_ms == pytest.approx(1.0) and speed.drift == pytest.approx(1.0)
-    assert speed.rescale(timings) == pytest.approx([3.0] * 40)  # the outlier did not bend its module's entry
-    assert Normaliser.from_timings([Timing(1.0, 1.0, 1.0, 5)]).reference_ms is None  # GPU: no reference
 
 
 def test_latency_cli(trained_digits_run: Path, tmp_path: Path) -> None:
@@ -178,7 +255,18 @@ def test_latency_cli(trained_digits_run: Path, tmp_path: Path) -> None:
                                 "--target", "ort-cpu").stdout)
     assert predicted["predicted_ms"] == pytest.approx(table.predict_ms(extreme_arch(get_space("digits"), False)))
     measured = json.loads(glit("latency", "measure", "--run", str(trained_digits_run), "--arch", "smallest",
-                               "--target", "torch-cpu", "--threads", "1", "--runs", "10").stdout)
-    assert measured["median_ms"] > 0 and measured["target"] == "torch-cpu"
+                               "--target", "torch-cpu", "--threads", "1", "--max-seconds", "2").stdout)
+    assert measured["target"] == "torch-cpu" and measured["ci_ms"][0] <= measured["median_ms"] <= measured["ci_ms"][1]
+    # Any ONNX file, as it is; with a budget it cannot meet, the exit code says so.
+    onnx_file = tmp_path / "smallest.onnx"
+    space = get_space("digits")
+    onnx_file.write_bytes(deployable_onnx(GLiT(extreme_arch(space, False), space, 10), torch.randn(1, 3, 8, 8)))
+    proc = glit("latency", "measure", "--model", str(onnx_file), "--threads", "1", "--latency-budget", "1us",
+                "--max-seconds", "2", check=False)
+    record = json.loads(proc.stdout)
+    assert proc.returncode == 1 and record["within_budget"] is False and record["bound_ms"] > 0.001
+    assert record["model"] == str(onnx_file) and record["target"] == "ort-cpu"
+    proc = glit("latency", "measure", "--model", str(tmp_path / "missing.onnx"), check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = glit("latency", "profile", "--run", str(trained_digits_run), "--target", "nope", check=False)
     assert proc.returncode == 2 and "unknown target 'nope'" in proc.stderr

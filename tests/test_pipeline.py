@@ -42,6 +42,10 @@ def test_pipeline_killed_then_rerun_completes_without_redoing_stages(tmp_path: P
     assert result["stages_run"] == ["search", "retrain", "export", "bench"]
     assert (run / "supernet" / "latest.json").stat().st_mtime_ns == supernet_ckpt, "the supernet was retrained"
     assert result["measured_ms"] <= result["budget_ms"]
+    # The file handed over was timed as it is, on the target, and its upper bound is within the budget.
+    deployed = result["deployed_latency"]
+    assert deployed["measured"] and deployed["within_budget"] and deployed["bound_ms"] <= result["budget_ms"]
+    assert deployed["target"] == result["target"] and deployed["batch_size"] == result["batch_size"]
     assert result["retrained_val_top1"] >= 80.0, result
     assert result["parity"]["passed"], result["parity"]
     onnx_path = run / "export" / "model.onnx"

@@ -50,6 +50,10 @@ def export_cmd(
                                        "float32).")] = False,
     max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile and Triton max_batch_size.")] = 32,
     force: Annotated[bool, typer.Option(help="Export again even when an up-to-date export exists.")] = False,
+    latency: Annotated[bool, typer.Option(help="Time the written ONNX file on the run's target and fail when it "
+                                          "is over the budget its arch was searched for.")] = True,
+    latency_budget: Annotated[str | None, typer.Option("--latency-budget", help="Hold the ONNX file to this budget "
+                                                       "(5ms, p99:8ms) instead of its search budget.")] = None,
     inject_error: Annotated[float, typer.Option(hidden=True, help="Self-test: shift one exported logit by this "
                                                 "much, to see the parity check fail.")] = 0.0,
 ) -> None:
@@ -61,7 +65,7 @@ def export_cmd(
     rundir = RunDir(run)
     if format == "onnx":
         _export_onnx(rundir, model, opset, exporter, optimize, max_abs_diff, min_agreement, parity_images, force,
-                     inject_error)
+                     inject_error, latency, latency_budget)
     elif format == "trt":
         _export_trt(rundir, model, fp16, max_batch, max_abs_diff, min_agreement)
     else:
@@ -70,14 +74,15 @@ def export_cmd(
 
 def _export_onnx(rundir: Any, model: str | None, opset: int, exporter: str, optimize: bool,
                  max_abs_diff: float | None, min_agreement: float | None, parity_images: int, force: bool,
-                 inject_error: float) -> None:
+                 inject_error: float, check_latency: bool, latency_budget: str | None) -> None:
+    from glit_deploy.export.onnx_export import OnnxOptions, export_run_onnx
     from glit_deploy.export.parity import Thresholds
-    from glit_deploy.export.pipeline import OnnxOptions, export_run_onnx
 
     thresholds = Thresholds(1e-4 if max_abs_diff is None else max_abs_diff,
                             1.0 if min_agreement is None else min_agreement / 100)
     options = OnnxOptions(opset=opset, exporter=exporter, optimize=optimize, thresholds=thresholds,
-                          parity_images=parity_images, inject_error=inject_error)
+                          parity_images=parity_images, inject_error=inject_error, check_latency=check_latency,
+                          latency_budget=latency_budget)
     with _steps("ONNX export") as report:
         result = export_run_onnx(rundir, model, options, force=force, report=report)
     s = result.sidecar
@@ -92,8 +97,24 @@ def _export_onnx(rundir: Any, model: str | None, opset: int, exporter: str, opti
         o = s["optimized"]
         fused = ", ".join(f"{k} {v}" for k, v in o["fused_operators"].items()) or "nothing fused"
         table.add_row("optimized", f"{result.optimized_path} ({fused}); parity " + _parity_text(o["parity"]))
+    if s.get("latency"):
+        table.add_row("latency", latency_text(s["latency"]))
     table.add_row("sidecar", str(result.path.with_name("model.json")))
     out.print(table)
+
+
+def latency_text(record: dict[str, Any]) -> str:
+    """One line for a deployed file's latency record (export/model.json's `latency`)."""
+    where = f"{record['target']}, batch {record['batch_size']}, {record['threads']} threads"
+    if not record.get("measured"):
+        return f"not measured on {where}: {record.get('reason')}"
+    lo, hi = record["ci_ms"]
+    text = (f"{record['median_ms']:.4f} ms median (95 % interval {lo:.4f}-{hi:.4f}), p90 {record['p90_ms']:.4f}, "
+            f"p99 {record['p99_ms']:.4f} ms on {where}; {record['disturbed_rounds']} of {record['rounds']} rounds "
+            "disturbed")
+    if record.get("budget"):
+        text += f"; {record['stat']} bound {record['bound_ms']:.4f} ms within the {record['budget']} budget"
+    return text
 
 
 def _parity_text(parity: dict[str, Any]) -> str:
@@ -104,7 +125,7 @@ def _parity_text(parity: dict[str, Any]) -> str:
 
 def _export_trt(rundir: Any, model: str | None, fp16: bool, max_batch: int, max_abs_diff: float | None,
                 min_agreement: float | None) -> None:
-    from glit_deploy.export.pipeline import export_dir
+    from glit_deploy.export.onnx_export import export_dir
     from glit_deploy.export.tensorrt import ENGINE_FILE, EngineOptions, build_run_engine
 
     options = EngineOptions(fp16=fp16, max_batch=max_batch, max_abs_diff=max_abs_diff,
@@ -145,27 +166,30 @@ def bench_cmd(
     threads: Annotated[int, typer.Option(min=0, help="CPU threads for PyTorch and onnxruntime (0: half the "
                                          "cores, as the latency targets use).")] = 0,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = 5,
-    runs: Annotated[int, typer.Option(min=1, help="Timed runs per row (at least).")] = 30,
+    rounds: Annotated[int, typer.Option(min=3, help="Timed rounds per row (at least).")] = 10,
+    max_seconds: Annotated[float, typer.Option(min=0.1, help="Time cap per batch size.")] = 5.0,
 ) -> None:
     """Latency and throughput of the exported model on PyTorch, onnxruntime and TensorRT (table + bench.csv)."""
-    from glit_deploy.export.bench import BENCH_FILE, bench_run, parse_batch_sizes
-    from glit_deploy.export.pipeline import export_dir
-    from glit_deploy.latency import Protocol
+    from dataclasses import replace
+
+    from glit_deploy.export.bench import BENCH, BENCH_FILE, bench_run, parse_batch_sizes
+    from glit_deploy.export.onnx_export import export_dir
     from glit_deploy.rundir import RunDir
 
     rundir = RunDir(run)
     sizes = parse_batch_sizes(batch_sizes)
     with _steps("benchmark") as report:
-        rows, notes = bench_run(rundir, sizes, threads or None, Protocol(warmup=warmup, runs=runs, min_seconds=0.2),
-                                report)
+        rows, notes = bench_run(rundir, sizes, threads or None,
+                                replace(BENCH, warmup=warmup, min_rounds=rounds, max_seconds=max_seconds), report)
     table = Table(title=f"{rundir.path}: exported model, {rows[0].threads} CPU thread(s)" if rows else "benchmark")
-    for column in ("runtime", "device", "batch", "median", "p90", "images/s", "vs eager CPU"):
+    for column in ("runtime", "device", "batch", "median (95 % interval)", "p90", "p99", "images/s", "vs eager CPU"):
         table.add_column(column, justify="right" if column not in ("runtime", "device") else "left")
     eager = {r.batch_size: r.median_ms for r in rows if r.runtime == "torch-eager-cpu"}
     for r in rows:
         speedup = f"{eager[r.batch_size] / r.median_ms:.2f}x" if r.batch_size in eager else "-"
-        table.add_row(r.runtime, r.device, str(r.batch_size), f"{r.median_ms:.3f} ms", f"{r.p90_ms:.3f} ms",
-                      f"{r.images_per_s:,.0f}", speedup)
+        table.add_row(r.runtime, r.device, str(r.batch_size),
+                      f"{r.median_ms:.3f} ms ({r.ci_low_ms:.3f}-{r.ci_high_ms:.3f})", f"{r.p90_ms:.3f} ms",
+                      f"{r.p99_ms:.3f} ms", f"{r.images_per_s:,.0f}", speedup)
     out.print(table)
     for note in notes:
         err.print(f"[yellow]note:[/] {note}")

@@ -3,7 +3,7 @@
 Run-level entry points (what `glit export`, `glit bench` and `glit pipeline` call). They import
 lazily, so `glit_deploy.export.metadata` stays importable without torch:
 
-    export_onnx(run)                  runs/NAME/export/model.onnx + model.json (pipeline.export_run_onnx)
+    export_onnx(run)                  runs/NAME/export/model.onnx + model.json (onnx_export.export_run_onnx)
     build_engine_for_run(run, opts)   export/model.engine + model.engine.json (tensorrt.build_run_engine)
     write_triton(run)                 export/triton/ (triton.write_triton_repository)
     bench_formats(run, [1, 8, 32])    export/bench.csv (bench.bench_run)
@@ -16,8 +16,8 @@ from typing import Any
 
 def export_onnx(run: Any, label: str | None = None, options: Any = None, force: bool = False,
                 report: Any = None) -> Any:
-    """Export (or reuse) the run's retrained model as export/model.onnx; see pipeline.export_run_onnx."""
-    from glit_deploy.export.pipeline import export_run_onnx
+    """Export (or reuse) the run's retrained model as export/model.onnx; see onnx_export.export_run_onnx."""
+    from glit_deploy.export.onnx_export import export_run_onnx
     from glit_deploy.rundir import RunDir
 
     return export_run_onnx(run if isinstance(run, RunDir) else RunDir(run), label, options, force, report)

@@ -2,10 +2,10 @@
 
 Rows: PyTorch eager (CPU, and CUDA with a GPU), onnxruntime on each available execution provider
 (plus the transformer-optimized ONNX when one was exported), and the TensorRT engine when one was
-built and TensorRT can load it. Each row is timed with the latency protocol of
-`glit_deploy.latency.measure` (warm-up, then many runs; median and p90). The rows of one batch size are
-timed interleaved, round by round, so their ratios hold on a shared machine; compare rows of one run,
-not across runs.
+built and TensorRT can load it. Each row is measured as `glit_deploy.latency.measure` defines it
+(the median of the rounds the host left undisturbed, its 95 % interval, single-run p90 and p99). The
+rows of one batch size are timed interleaved, round by round, so their ratios hold on a shared
+machine.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from glit_deploy.rundir import RunDir, atomic_write_text
 from glit_deploy.runtimes import RuntimeUnavailable, cpu_name, gpu_name, import_onnxruntime, ort_session
 
 BENCH_FILE = "bench.csv"
+BENCH = Protocol(warmup=5, min_rounds=10, ci_target=0.03, max_seconds=5.0)  # per batch size, all rows together
 ORT_NAMES = {"CPUExecutionProvider": "ort-cpu", "CUDAExecutionProvider": "ort-cuda",
              "TensorrtExecutionProvider": "ort-trt"}
 
@@ -37,9 +38,14 @@ class BenchRow:
     batch_size: int
     threads: int
     median_ms: float
+    ci_low_ms: float
+    ci_high_ms: float
     p90_ms: float
+    p99_ms: float
     images_per_s: float
     runs: int
+    disturbed_rounds: int
+    rounds: int
     model: str  # which file (or "pytorch")
 
 
@@ -121,7 +127,7 @@ def _trt_runtime(export_path: Any, info: dict[str, Any]) -> Runtime:
 
 def available_runtimes(run: RunDir, threads: int, notes: list[str]) -> list[Runtime]:
     """Every runtime that can run this run's exported model here; what could not is added to `notes`."""
-    from glit_deploy.export.pipeline import export_dir, load_export_info
+    from glit_deploy.export.onnx_export import export_dir, load_export_info
     from glit_deploy.export.tensorrt import load_engine_info
     from glit_deploy.trained import load_trained_model
 
@@ -155,10 +161,10 @@ def available_runtimes(run: RunDir, threads: int, notes: list[str]) -> list[Runt
 def bench_run(run: RunDir, batch_sizes: list[int], threads: int | None = None, protocol: Protocol | None = None,
               report: Callable[[str], None] | None = None) -> tuple[list[BenchRow], list[str]]:
     """Time every available runtime at every batch size; write export/bench.csv."""
-    from glit_deploy.export.pipeline import export_dir, load_export_info
+    from glit_deploy.export.onnx_export import export_dir, load_export_info
 
     threads = threads or default_threads()
-    protocol = protocol or Protocol(warmup=5, runs=30, min_seconds=0.2)
+    protocol = protocol or BENCH
     report = report or (lambda _msg: None)
     notes: list[str] = []
     image_size = load_export_info(run)["metadata"]["image_size"]
@@ -177,8 +183,9 @@ def bench_run(run: RunDir, batch_sizes: list[int], threads: int | None = None, p
         timings = time_interleaved({rt.name: (rt.make(batch), rt.timer) for rt in active}, protocol)
         for rt in active:
             timing = timings[rt.name]
-            rows.append(BenchRow(rt.name, rt.device, batch_size, threads, timing.median_ms, timing.p90_ms,
-                                 1e3 * batch_size / timing.median_ms, timing.runs, rt.model))
+            rows.append(BenchRow(rt.name, rt.device, batch_size, threads, timing.median_ms, timing.ci_low_ms,
+                                 timing.ci_high_ms, timing.p90_ms, timing.p99_ms, 1e3 * batch_size / timing.median_ms,
+                                 timing.runs, timing.disturbed_rounds, timing.rounds, rt.model))
     atomic_write_text(export_dir(run) / BENCH_FILE, rows_to_csv(rows))
     return rows, notes
 
@@ -190,7 +197,7 @@ def rows_to_csv(rows: list[BenchRow]) -> str:
     writer.writeheader()
     for row in rows:
         values = asdict(row)
-        for key in ("median_ms", "p90_ms", "images_per_s"):
+        for key in ("median_ms", "ci_low_ms", "ci_high_ms", "p90_ms", "p99_ms", "images_per_s"):
             values[key] = f"{values[key]:.4f}"
         writer.writerow(values)
     return buffer.getvalue()

@@ -54,6 +54,19 @@ def export_onnx(module: nn.Module, example: Tensor, exporter: str = DEFAULT_EXPO
     return program.model_proto.SerializeToString()
 
 
+def deployable_onnx(model: nn.Module, example: Tensor, exporter: str = DEFAULT_EXPORTER, opset: int = OPSET) -> bytes:
+    """The graph that is deployed, without its metadata: the one definition that `glit export` writes
+    and every latency target times (a table entry, a search winner), so the two cannot disagree.
+
+    BatchNorm folded and the depthwise conv as a (1, k) Conv2d (`prepare_for_export`, on a copy),
+    exported with a dynamic batch axis by the named exporter at `opset`.
+    """
+    from glit_deploy.export.rewrite import prepare_for_export
+
+    deploy, _ = prepare_for_export(model.cpu().eval())
+    return export_onnx(deploy, example.cpu(), exporter, opset)
+
+
 def check_onnx(model: bytes) -> None:
     """onnx's full check (structure, operator schemas and shape inference); a failure is a GlitError."""
     import onnx

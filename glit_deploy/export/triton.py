@@ -98,7 +98,7 @@ def _write_model(model_dir: Path, source: Path, file_name: str, labels: str, con
 def write_triton_repository(run: RunDir, max_batch: int = 32, label: str | None = None,
                             report: Any = None) -> dict[str, Any]:
     """Write (replace) export/triton/ from the run's exported ONNX model and, if built, its TensorRT engine."""
-    from glit_deploy.export.pipeline import ONNX_FILE, ensure_onnx, export_dir
+    from glit_deploy.export.onnx_export import ONNX_FILE, ensure_onnx, export_dir
     from glit_deploy.export.tensorrt import ENGINE_FILE, load_engine_info
 
     if max_batch < 1:

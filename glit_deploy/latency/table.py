@@ -6,11 +6,9 @@ the stem and the head. A model's raw prediction is the sum of its parts; a linea
 (per-session overhead, cache effects). Its error is reported on other, held-out whole models,
 next to the measurement's own repeat noise.
 
-On a CPU the machine's speed drifts with whatever else runs on it, and a table built over minutes
-would carry that drift into every prediction. So on CPU targets each module is timed interleaved
-with one fixed reference block, and every measurement is rescaled to the reference's speed in the
-quietest tenth of the build (`reference_ms`). Whole models measured later (a search winner) are
-rescaled the same way, so a budget means latency on this machine when it is not busy.
+Every entry is a measurement in the one sense of `glit_deploy.latency.measure` (the clock's
+reading of the deployable graph, estimated from the rounds a shared host left undisturbed; the
+table protocol asks for a looser interval than a budget decision). Nothing is rescaled.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from glit_deploy.errors import GlitError
-from glit_deploy.latency.measure import Protocol, Timing
+from glit_deploy.latency.measure import DECISION, TABLE, Protocol, Timing
 from glit_deploy.latency.targets import Target
 from glit_deploy.nn.counting import extreme_arch
 from glit_deploy.nn.layers import LN_EPS, Block
@@ -41,8 +39,9 @@ from glit_deploy.rundir import atomic_write_json
 from glit_deploy.space import Arch, BlockGenes, SearchSpace
 
 console = Console(stderr=True)
-# 2: onnxruntime/TensorRT targets time the deployed (rewritten) graph; 3: CPU timings normalised to a reference
-FORMAT_VERSION = 3
+# 2: onnxruntime/TensorRT targets time the deployed (rewritten) graph; 3: CPU timings normalised to a reference;
+# 4: clock readings of the deployable graph (dynamic batch axis), estimated from undisturbed rounds
+FORMAT_VERSION = 4
 
 
 def block_key(genes: BlockGenes) -> str:
@@ -94,11 +93,8 @@ class LatencyModel:
     calibration: list[dict[str, Any]] = field(default_factory=list)
     report: ErrorReport | None = None
     build_seconds: float = 0.0
-    # CPU targets: the reference block's latency every measurement is rescaled to, how far its speed
-    # moved during the build ((p90 - p10) / p10 of its timings), and the table as the clock read it
-    reference_ms: float | None = None
-    reference_drift: float = 0.0
-    clock: dict[str, Any] | None = None
+    disturbed_rounds: int = 0  # rounds the host disturbed during the build (left out of the estimates) ...
+    rounds: int = 0  # ... out of this many
     cache_hit: bool = False
 
     # prediction -----------------------------------------------------------------------------
@@ -179,7 +175,7 @@ def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_
                     protocol: Protocol | None = None, calibration_models: int = 10, holdout_models: int = 20,
                     seed: int = 0, use_cache: bool = True) -> LatencyModel:
     """Build (or load from the cache) the latency model of `space` on `target`."""
-    protocol = protocol or Protocol()
+    protocol = protocol or TABLE
     target.check()
     key = table_key(target, space, batch_size, num_classes, protocol)
     cache_path = cache_dir() / f"{key_digest(key)}.json"
@@ -202,100 +198,38 @@ def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_
                                if a.digest not in seen])[:holdout_models]
     tokens = torch.randn(batch_size, space.num_tokens, space.embed_dim)
     image = torch.randn(batch_size, space.in_chans, space.image_size, space.image_size)
-    reference = target.runner(reference_block(space), tokens) if target.shares_host else None
 
     total = len(choices) + 2 + len(calib_archs) + 2 * len(holdout_archs)
+    timings: list[Timing] = []
     with _progress() as progress:
         task = progress.add_task(f"latency {target.name}", total=total, info="blocks")
 
-        def timed(module: nn.Module, example: Tensor) -> Timing:
-            timing = target.measure(module, example, protocol, reference)
+        def timed(module: nn.Module, example: Tensor) -> float:
+            timing = target.measure(module, example, protocol)
+            timings.append(timing)
             progress.advance(task)
-            return timing
+            return timing.median_ms
 
-        blocks = {block_key(genes): timed(Block(space, genes), tokens) for genes in choices}
-        stem, head = timed(Stem(space), image), timed(Head(space.embed_dim, num_classes), tokens)
+        model = LatencyModel(key=key, block_ms={block_key(g): timed(Block(space, g), tokens) for g in choices},
+                             stem_ms=timed(Stem(space), image),
+                             head_ms=timed(Head(space.embed_dim, num_classes), tokens))
         progress.update(task, info="calibration models")
-        calib = [timed(GLiT(arch, space, num_classes), image) for arch in calib_archs]
+        for arch in calib_archs:
+            model.calibration.append({"digest": arch.digest, "arch": arch.to_dict(), "raw_ms": model.raw_ms(arch),
+                                      "measured_ms": timed(GLiT(arch, space, num_classes), image)})
+        model.scale, model.offset_ms = fit_calibration(model.calibration)
         progress.update(task, info="held-out models")
-        holdout = []
+        points = []
         for arch in holdout_archs:
             net = GLiT(arch, space, num_classes)
-            holdout.append((timed(net, image), timed(net, image)))
-
-    timings = [*blocks.values(), stem, head, *calib, *(t for pair in holdout for t in pair)]  # in time order
-    speed = Normaliser.from_timings(timings)
-    values, clocks = speed.rescale(timings), speed.clock_fields(timings)
-    n = len(blocks)
-    model = LatencyModel(key=key, block_ms=dict(zip(blocks, values[:n], strict=True)), stem_ms=values[n],
-                         head_ms=values[n + 1], reference_ms=speed.reference_ms, reference_drift=speed.drift)
-    if speed.reference_ms is not None:
-        model.clock = {"block_ms": {k: t.median_ms for k, t in blocks.items()}, "stem_ms": stem.median_ms,
-                       "head_ms": head.median_ms}
-    first_calib = n + 2
-    for i, arch in enumerate(calib_archs, first_calib):
-        model.calibration.append({"digest": arch.digest, "arch": arch.to_dict(), "raw_ms": model.raw_ms(arch),
-                                  "measured_ms": values[i], **clocks[i]})
-    model.scale, model.offset_ms = fit_calibration(model.calibration)
-    points = []
-    for i, arch in zip(range(first_calib + len(calib), len(timings), 2), holdout_archs, strict=True):
-        points.append({"digest": arch.digest, "arch": arch.to_dict(), "predicted_ms": model.predict_ms(arch),
-                       "measured_ms": values[i], "repeat_ms": values[i + 1], **clocks[i],
-                       **{f"repeat_{k}": v for k, v in clocks[i + 1].items()}})
+            points.append({"digest": arch.digest, "arch": arch.to_dict(), "predicted_ms": model.predict_ms(arch),
+                           "measured_ms": timed(net, image), "repeat_ms": timed(net, image)})
     model.report = ErrorReport.from_points(points) if points else None
+    model.rounds = sum(t.rounds for t in timings)
+    model.disturbed_rounds = sum(t.disturbed_rounds for t in timings)
     model.build_seconds = time.perf_counter() - started
     model.save(cache_path)
     return model
-
-
-@dataclass(frozen=True)
-class Normaliser:
-    """Rescales timings taken next to the reference block to the reference's quiet speed.
-
-    The machine's speed at each measurement is the rolling median of the reference's timings over
-    its neighbours in time: real drift lasts seconds to minutes, while one reference timing can be
-    an outlier of its own, which must not bend the entry of the module timed with it.
-    """
-
-    reference_ms: float | None = None  # None: timings are used as the clock read them
-    drift: float = 0.0  # (p90 - p10) / p10 of the machine's speed over the measurements
-    speeds: tuple[float, ...] = ()  # the reference's smoothed timing at each measurement
-
-    WINDOW: ClassVar[int] = 7  # measurements on each side
-
-    @classmethod
-    def from_timings(cls, timings: list[Timing]) -> Normaliser:
-        """From timings in the order they were taken (all with a reference, or none)."""
-        refs = [t.reference_ms for t in timings]
-        if not refs or any(r is None for r in refs):
-            return cls()
-        w = cls.WINDOW
-        speeds = tuple(statistics.median(refs[max(0, i - w): i + w + 1]) for i in range(len(refs)))
-        if len(speeds) < 2:
-            return cls(speeds[0], 0.0, speeds)
-        deciles = statistics.quantiles(speeds, n=10)
-        return cls(deciles[0], deciles[-1] / deciles[0] - 1, speeds)
-
-    def rescale(self, timings: list[Timing]) -> list[float]:
-        """The timings (those `from_timings` saw, same order) at the quiet speed, in ms."""
-        if self.reference_ms is None:
-            return [t.median_ms for t in timings]
-        return [t.median_ms * self.reference_ms / s for t, s in zip(timings, self.speeds, strict=True)]
-
-    def clock_fields(self, timings: list[Timing]) -> list[dict[str, float]]:
-        """What the clock read and the machine's speed then, next to each rescaled value."""
-        if self.reference_ms is None:
-            return [{} for _ in timings]
-        return [{"clock_ms": t.median_ms, "reference_clock_ms": s}
-                for t, s in zip(timings, self.speeds, strict=True)]
-
-
-def reference_block(space: SearchSpace) -> Block:
-    """The fixed block every CPU measurement is timed next to: the space's middle block choice."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        choices = space.block_choices()
-        return Block(space, choices[len(choices) // 2])
 
 
 def fit_calibration(points: list[dict[str, Any]]) -> tuple[float, float]:
@@ -319,18 +253,8 @@ def _distinct(archs: list[Arch]) -> list[Arch]:
 
 
 def measure_arch(arch: Arch, space: SearchSpace, num_classes: int, target: Target, batch_size: int = 1,
-                 protocol: Protocol | None = None, latency: LatencyModel | None = None) -> float:
-    """End-to-end median latency (ms) of a whole model on the target.
-
-    With the latency model of a CPU target, the model is timed next to the table's reference block
-    and rescaled to the reference's quiet speed, like every entry of the table.
-    """
+                 protocol: Protocol = DECISION) -> Timing:
+    """End-to-end latency of a whole model on the target: its deployable graph, timed as the file
+    `glit export` would write it (the weights do not change the time)."""
     image = torch.randn(batch_size, space.in_chans, space.image_size, space.image_size)
-    reference = None
-    if latency is not None and latency.reference_ms is not None and target.shares_host:
-        tokens = torch.randn(batch_size, space.num_tokens, space.embed_dim)
-        reference = target.runner(reference_block(space), tokens)
-    timing = target.measure(GLiT(arch, space, num_classes), image, protocol or Protocol(), reference)
-    if reference is None or latency is None:
-        return timing.median_ms
-    return Normaliser(latency.reference_ms, speeds=(timing.reference_ms,)).rescale([timing])[0]
+    return target.measure(GLiT(arch, space, num_classes), image, protocol)

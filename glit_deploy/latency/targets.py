@@ -9,9 +9,11 @@
 | torch-cuda | PyTorch eager on CUDA                      | CUDA events                              |
 | trt        | a TensorRT engine built from the ONNX      | CUDA events around execute_async_v3      |
 
-onnxruntime and TensorRT targets time the ONNX export of the module, as it will be deployed.
-A target whose runtime is missing fails with one line naming what to install; it is never
-replaced by another.
+onnxruntime and TensorRT targets time the deployable ONNX graph of a module
+(`glit_deploy.export.onnx.deployable_onnx`, the graph `glit export` writes), or an ONNX file as it
+is (`measure_file`). Every timing follows `glit_deploy.latency.measure`: what the clock reads,
+estimated from the rounds the host left undisturbed. A target whose runtime is missing fails with
+one line naming what to install; it is never replaced by another.
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ import os
 import platform
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import replace
+from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from glit_deploy.errors import GlitError
-from glit_deploy.export.onnx import onnx_bytes
-from glit_deploy.export.rewrite import prepare_for_export
-from glit_deploy.latency.measure import Protocol, Runner, Timing, time_interleaved, time_runs
+from glit_deploy.export.onnx import deployable_onnx
+from glit_deploy.latency.measure import DECISION, Protocol, Runner, Timing, time_runs
 from glit_deploy.runtimes import (
     INSTALL_HINT,
     RuntimeUnavailable,
@@ -80,28 +82,31 @@ class Target(ABC):
         return {"target": self.name, "device": self.device(), "machine": platform.machine(),
                 "threads": self.threads, "versions": self.runtime_versions()}
 
-    @property
-    def shares_host(self) -> bool:
-        """Whether other work on the machine slows this target down (CPU targets), so that its
-        measurements are worth normalising against a reference timed alongside."""
-        return self.device_kind == "cpu"
-
     def runner(self, module: nn.Module, example: Tensor) -> Runner:
         """A ready-to-time inference of `module` on this target (built once, timed many times)."""
         self.check()
         return self._runner(module.eval(), example)
 
-    def measure(self, module: nn.Module, example: Tensor, protocol: Protocol, reference: Runner | None = None
-                ) -> Timing:
-        """Time `module`; with a `reference` runner, the two are timed interleaved and the timing
-        carries the reference's median, which tells how fast the machine was running just then."""
+    def measure(self, module: nn.Module, example: Tensor, protocol: Protocol = DECISION) -> Timing:
+        """Time `module` (as this target deploys it) on `example`."""
         run, timer = self.runner(module, example)
         with torch.inference_mode():
-            if reference is None:
-                timing = time_runs(run, protocol, timer)
-            else:
-                both = time_interleaved({"module": (run, timer), "reference": reference}, protocol)
-                timing = replace(both["module"], reference_ms=both["reference"].median_ms)
+            timing = time_runs(run, protocol, timer)
+        self.measurements += 1
+        return timing
+
+    def file_runner(self, path: Path, batch_size: int) -> Runner:
+        """A ready-to-time inference of an ONNX file as it is, at `batch_size`."""
+        raise GlitError(f"target {self.name} times PyTorch modules, not ONNX files: time the file on an "
+                        "onnxruntime or TensorRT target (ort-cpu, ort-cuda, ort-trt, trt)")
+
+    def measure_file(self, path: Path, batch_size: int, protocol: Protocol = DECISION) -> Timing:
+        """Time the ONNX file at `path` as it is (the deployed file), with random inputs of `batch_size`."""
+        if not Path(path).is_file():
+            raise GlitError(f"{path} does not exist")
+        self.check()
+        run, timer = self.file_runner(Path(path), batch_size)
+        timing = time_runs(run, protocol, timer)
         self.measurements += 1
         return timing
 
@@ -158,10 +163,17 @@ class OrtTarget(Target):
         return {"onnxruntime": import_onnxruntime().__version__, "torch": torch.__version__}
 
     def _runner(self, module: nn.Module, example: Tensor) -> Runner:
-        session = ort_session(deployed_onnx(module, example), self.provider, self.threads)
-        x = example.cpu().numpy()
+        return self._session_runner(ort_session(deployed_onnx(module, example), self.provider, self.threads),
+                                    example.cpu().numpy())
+
+    def file_runner(self, path: Path, batch_size: int) -> Runner:
+        session = ort_session(path, self.provider, self.threads)
+        return self._session_runner(session, file_input(session, batch_size, path))
+
+    def _session_runner(self, session: Any, x: np.ndarray) -> Runner:
+        name = session.get_inputs()[0].name
         if self.device_kind == "cpu":
-            feed = {"input": x}
+            feed = {name: x}
 
             def run() -> None:
                 session.run(None, feed)
@@ -170,13 +182,31 @@ class OrtTarget(Target):
         # GPU: inputs and outputs stay on the device, so no host copy is timed.
         ort = import_onnxruntime()
         binding = session.io_binding()
-        binding.bind_ortvalue_input("input", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
-        binding.bind_output("output", "cuda", 0)
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+        for output in session.get_outputs():
+            binding.bind_output(output.name, "cuda", 0)
 
         def run_bound() -> None:
             session.run_with_iobinding(binding)
 
         return run_bound, None
+
+
+def file_input(session: Any, batch_size: int, path: Path) -> np.ndarray:
+    """Random input for an ONNX file's single input: its static dims, `batch_size` for the first."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise GlitError(f"{path} has {len(inputs)} inputs; a latency measurement feeds models with one image input")
+    shape = list(inputs[0].shape)
+    dims = [batch_size, *shape[1:]]
+    if any(not isinstance(d, int) for d in dims):
+        raise GlitError(f"{path}: input '{inputs[0].name}' has shape {shape}; only the batch axis may be dynamic")
+    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(inputs[0].type)
+    if dtype is None:
+        raise GlitError(f"{path}: input '{inputs[0].name}' is {inputs[0].type}; expected a float image tensor")
+    if isinstance(shape[0], int) and shape[0] != batch_size:
+        raise GlitError(f"{path} has a fixed batch size of {shape[0]}, not {batch_size}")
+    return np.random.default_rng(0).standard_normal(dims).astype(dtype)
 
 
 class TensorRTTarget(Target):
@@ -191,11 +221,17 @@ class TensorRTTarget(Target):
         return {"tensorrt": import_tensorrt().__version__, "torch": torch.__version__}
 
     def _runner(self, module: nn.Module, example: Tensor) -> Runner:
+        return self._engine_runner(deployed_onnx(module, example), tuple(example.shape))
+
+    def file_runner(self, path: Path, batch_size: int) -> Runner:
+        return self._engine_runner(path.read_bytes(), _onnx_input_shape(path, batch_size))
+
+    def _engine_runner(self, model: bytes, shape: tuple[int, ...]) -> Runner:
         from glit_deploy.export.tensorrt import TensorRTRunner, build_engine
 
-        engine = build_engine(deployed_onnx(module, example), shapes={"input": tuple(example.shape)})
+        engine = build_engine(model, shapes={"input": shape})
         runner = TensorRTRunner(engine)
-        x = example.to("cuda")
+        x = torch.randn(*shape, device="cuda")
         stream = torch.cuda.Stream()
 
         def run() -> None:
@@ -209,8 +245,19 @@ class TensorRTTarget(Target):
 
 
 def deployed_onnx(module: nn.Module, example: Tensor) -> bytes:
-    """The ONNX graph `glit export` deploys (BatchNorm folded, depthwise conv as Conv2d): time what ships."""
-    return onnx_bytes(prepare_for_export(module.cpu())[0], example.cpu())
+    """The ONNX graph `glit export` deploys, for this module: time what ships."""
+    return deployable_onnx(module, example)
+
+
+def _onnx_input_shape(path: Path, batch_size: int) -> tuple[int, ...]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    shape = [batch_size, *(d.dim_value for d in dims[1:])]
+    if any(d <= 0 for d in shape):
+        raise GlitError(f"{path}: only the batch axis of the input may be dynamic")
+    return tuple(shape)
 
 
 def get_target(name: str, threads: int | None = None) -> Target:

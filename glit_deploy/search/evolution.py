@@ -4,16 +4,22 @@ Level 1 searches the global/local split of every block with the details at middl
 fixes the best split and searches the details. Both levels evolve a population (SPOS/AutoFormer
 style: the top parents survive, children come from mutation and crossover). Fitness is the
 validation top-1 of the inherited-weight subnet after BatchNorm recalibration. Candidates over the
-budget by the latency model are never evaluated, evaluated archs are never evaluated twice, and
-the state is written atomically after every generation so that `--resume` continues exactly.
-The winner of a budget is measured end to end; one measured over its budget is never returned.
+budget by the latency model are never evaluated, and an arch seen before reuses its score (never
+re-drawn). The state is written atomically after every generation so that `--resume` continues
+exactly.
+
+Bookkeeping that cannot mix results: every budget keeps its own pool of the candidates it
+considered, with the weights each was scored under. A budget's winner is chosen from its own pool,
+among the candidates scored with the weights of its last level (level 2 may fine-tune the
+supernet), taken in order of accuracy, measured end to end on the target
+(`glit_deploy.latency.measure`), and accepted only when the 95 % upper bound of the budgeted
+statistic is within the budget; one that is not is recorded as rejected and the next is measured.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -26,29 +32,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from glit_deploy import distributed
 from glit_deploy.errors import GlitError, RunError
+from glit_deploy.latency.budget import Budget, latency_record
+from glit_deploy.latency.measure import Timing
 from glit_deploy.latency.table import LatencyModel
 from glit_deploy.nn.counting import arch_cost
 from glit_deploy.rundir import RunDir, atomic_write_json
 from glit_deploy.space import Arch, SearchSpace
 
 console = Console(stderr=True)
-STATE_VERSION = 1
-
-
-def parse_latency(text: str) -> float:
-    """'5ms', '500us', '0.005s' or a bare number of milliseconds -> milliseconds."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|us|µs|s)?\s*", text)
-    if not match:
-        raise GlitError(f"latency budget '{text}' is not a duration like 5ms, 800us or 0.005s")
-    value = float(match.group(1))
-    ms = value * {"ms": 1.0, None: 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[match.group(2)]
-    if ms <= 0:
-        raise GlitError(f"latency budget '{text}' must be positive")
-    return ms
-
-
-def budget_label(ms: float) -> str:
-    return f"{ms:g}ms"
+STATE_VERSION = 2  # 2: budgets with a statistic, per-budget pools, measurements with intervals
 
 
 @dataclass
@@ -67,6 +59,9 @@ class SearchConfig:
     winner_candidates: int = 10
     max_tries: int = 500
     fixed_split: list[int] | None = None  # skip level 1 and search the details of this split
+    # A winner's upper bound must be this much under the budget, so that the deployed file, measured
+    # again at export, still fits it (two measurements of one file differ by a percent or two here).
+    latency_margin: float = 0.03
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
@@ -75,19 +70,19 @@ class SearchConfig:
 
 
 Evaluator = Callable[[list[Arch]], list[float]]
-Measurer = Callable[[Arch], float]
+Measurer = Callable[[Arch], Timing]
 
 
 class EvolutionarySearch:
     """Runs the search for one or more budgets; every step is saved in `search/state.json`."""
 
     def __init__(self, run: RunDir, space: SearchSpace, num_classes: int, latency: LatencyModel,
-                 budgets_ms: Sequence[float], cfg: SearchConfig, evaluate: Evaluator, measure: Measurer,
+                 budgets: Sequence[Budget], cfg: SearchConfig, evaluate: Evaluator, measure: Measurer,
                  ctx: distributed.DistContext | None = None, weights_tag: Callable[[int], str] | None = None,
                  before_level2: Callable[[tuple[int, ...]], None] | None = None) -> None:
         self.run, self.space, self.num_classes = run, space, num_classes
         self.latency, self.cfg = latency, cfg
-        self.budgets = sorted(budgets_ms)
+        self.budgets = sorted(set(budgets))
         self.evaluate_fn, self.measure_fn = evaluate, measure
         self.ctx = ctx or distributed.DistContext(0, 1, 0, torch.device("cpu"))
         self.weights_tag = weights_tag or (lambda level: "supernet")
@@ -104,9 +99,9 @@ class EvolutionarySearch:
         lo = self.latency.block_range_ms(self.space, fastest=True)
         hi = self.latency.block_range_ms(self.space, fastest=False)
         for budget in self.budgets:
-            if budget < lo:
+            if budget.ms < lo:
                 raise GlitError(
-                    f"latency budget {budget_label(budget)} is below the fastest arch of space "
+                    f"latency budget {budget} is below the fastest arch of space "
                     f"'{self.space.name}' on {self.latency.key['target']} at batch {self.latency.key['batch_size']}: "
                     f"the space spans {lo:.3f} ms .. {hi:.3f} ms (predicted)")
         if self.cfg.max_params is not None or self.cfg.max_macs is not None:
@@ -118,8 +113,10 @@ class EvolutionarySearch:
                 raise GlitError(f"the parameter/multiply-add limits exclude even the smallest arch of the space "
                                 f"({cost.params:,} parameters, {cost.macs:,} multiply-adds)")
 
-    def feasible(self, arch: Arch, budget: float) -> bool:
-        if self.latency.predict_ms(arch) > budget:
+    def feasible(self, arch: Arch, budget: Budget) -> bool:
+        """Within the limits, and predicted within the budget (the table predicts medians; every
+        percentile is at least the median, so a predicted median over the budget rules an arch out)."""
+        if self.latency.predict_ms(arch) > budget.ms:
             return False
         if self.cfg.max_params is None and self.cfg.max_macs is None:
             return True
@@ -127,7 +124,7 @@ class EvolutionarySearch:
         return (self.cfg.max_params is None or cost.params <= self.cfg.max_params) and \
             (self.cfg.max_macs is None or cost.macs <= self.cfg.max_macs)
 
-    def level1_arch(self, split: tuple[int, ...], budget: float) -> Arch | None:
+    def level1_arch(self, split: tuple[int, ...], budget: Budget) -> Arch | None:
         """A split's level-1 candidate: middle details, or its fastest details if those are over budget."""
         arch = self.space.with_split(split)
         if self.feasible(arch, budget):
@@ -136,23 +133,30 @@ class EvolutionarySearch:
         return fastest if self.feasible(fastest, budget) else None
 
     # population ------------------------------------------------------------------------------
-    def _new_candidates(self, make: Callable[[], Arch | None], count: int, budget: float,
+    def _new_candidates(self, make: Callable[[], Arch | None], count: int, budget: Budget,
                         taken: set[str], tag: str) -> list[Arch]:
+        """Up to `count` new feasible archs that this budget has not considered under these weights
+        (an arch scored for another budget comes back with its score, never re-drawn)."""
+        pool = self._pool(budget)
         out: list[Arch] = []
         tries = 0
         while len(out) < count and tries < self.cfg.max_tries:
             tries += 1
             arch = make()
-            if arch is None or arch.digest in taken or not self.feasible(arch, budget):
-                continue
-            if self._cache_key(arch, tag) in self.state["evaluations"]:
-                self.cache_hits += 1  # evaluated already: never twice, look for another
+            if arch is None or arch.digest in taken or self._cache_key(arch, tag) in pool \
+                    or not self.feasible(arch, budget):
                 continue
             taken.add(arch.digest)
             out.append(arch)
         return out
 
-    def initial_population(self, level: int, budget: float, split: tuple[int, ...] | None) -> list[Arch]:
+    def _pool(self, budget: Budget) -> dict[str, int]:
+        """This budget's candidates: cache key -> level it was considered at."""
+        return self.state.setdefault("pools", {}).setdefault(budget.label, {})
+
+    def initial_population(self, level: int, budget: Budget, split: tuple[int, ...] | None,
+                           seed: list[Arch] | None = None) -> list[Arch]:
+        """The feasible `seed` archs (see `_seeds`) first, then random feasible archs."""
         space, rng = self.space, self.rng
         if level == 1:
             def make() -> Arch | None:
@@ -160,9 +164,15 @@ class EvolutionarySearch:
         else:
             def make() -> Arch | None:
                 return space.sample(rng, split=split)
-        return self._new_candidates(make, self.cfg.population, budget, set(), self.weights_tag(level))
+        tag = self.weights_tag(level)
+        taken: set[str] = set()
+        # The seed enters even when this budget considered it before (at level 1 with the same weights):
+        # level 2 starts from level 1's best, with its score reused.
+        first = [a for a in seed or [] if self.feasible(a, budget)]
+        taken.update(a.digest for a in first)
+        return first + self._new_candidates(make, self.cfg.population - len(first), budget, taken, tag)
 
-    def children(self, level: int, budget: float, parents: list[Arch]) -> list[Arch]:
+    def children(self, level: int, budget: Budget, parents: list[Arch]) -> list[Arch]:
         space, rng, prob = self.space, self.rng, self.cfg.mutation_prob
         taken = {p.digest for p in parents}
         tag = self.weights_tag(level)
@@ -189,9 +199,13 @@ class EvolutionarySearch:
     def _cache_key(arch: Arch, tag: str) -> str:
         return f"{tag}:{arch.digest}"
 
-    def evaluate(self, archs: list[Arch], level: int) -> list[float]:
+    def evaluate(self, archs: list[Arch], level: int, budget: Budget) -> list[float]:
+        """Scores of `archs` under the level's weights: reused when known, evaluated otherwise."""
         tag = self.weights_tag(level)
         evaluations = self.state["evaluations"]
+        pool = self._pool(budget)
+        for arch in archs:
+            pool.setdefault(self._cache_key(arch, tag), level)
         todo = [a for a in archs if self._cache_key(a, tag) not in evaluations]
         self.cache_hits += len(archs) - len(todo)
         if todo:
@@ -205,9 +219,10 @@ class EvolutionarySearch:
 
     # state -----------------------------------------------------------------------------------
     def _fresh_state(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "config": asdict(self.cfg), "budgets_ms": self.budgets,
+        return {"version": STATE_VERSION, "config": asdict(self.cfg), "budgets": [b.label for b in self.budgets],
                 "latency_key": self.latency.key, "space_digest": self.space.digest,
-                "evaluations": {}, "history": [], "results": {}, "evaluated": 0, "cache_hits": 0,
+                "evaluations": {}, "pools": {}, "measured": {}, "history": [], "results": {}, "evaluated": 0,
+                "cache_hits": 0,
                 "cursor": {"budget": 0, "level": 1 if self.cfg.fixed_split is None else 2, "generation": 0},
                 "population": None, "parents": [], "split": self.cfg.fixed_split, "done": False, "seconds": 0.0}
 
@@ -218,25 +233,35 @@ class EvolutionarySearch:
             atomic_write_json(self.state_path, self.state)
 
     def load_or_start(self, resume: bool) -> None:
-        if self.state_path.exists():
-            if not resume:
-                raise RunError(f"{self.dir} already holds a search; pass --resume to continue it, or move it away")
-            try:
-                state = json.loads(self.state_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise RunError(f"{self.state_path} is corrupt ({exc.msg})") from None
-            if state.get("version") != STATE_VERSION or state.get("budgets_ms") != self.budgets \
-                    or state.get("space_digest") != self.space.digest:
-                raise RunError(f"{self.state_path} belongs to another search (budgets, space or version differ)")
-            if state.get("latency_key") != self.latency.key:
-                raise RunError(f"{self.state_path} was searched with another latency table (target, device, "
-                               "batch size or protocol changed)")
-            self.state = state
-            self.cfg = SearchConfig.from_dict(state["config"])
-            self.rng.setstate(_rng_from_json(state["rng"]))
-            self.cache_hits = state.get("cache_hits", 0)
-            return
-        self.state = self._fresh_state()
+        """Rank 0 reads or starts the state and every rank takes that: ranks never race on the file."""
+        self.state = distributed.decided_on_main(self.ctx, lambda: self._read_state(resume))
+        if self.state.get("rng") is not None:
+            self.cfg = SearchConfig.from_dict(self.state["config"])
+            self.rng.setstate(_rng_from_json(self.state["rng"]))
+            self.cache_hits = self.state.get("cache_hits", 0)
+
+    def _read_state(self, resume: bool) -> dict[str, Any]:
+        if not self.state_path.exists():
+            return self._fresh_state()
+        if not resume:
+            raise RunError(f"{self.dir} already holds a search; pass --resume to continue it, or move it away")
+        try:
+            state = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunError(f"{self.state_path} is corrupt ({exc.msg})") from None
+        if state.get("version") != STATE_VERSION:
+            raise RunError(f"{self.state_path} was written by another version of glit's search; start a new search "
+                           "in another run directory")
+        given = {"budgets": [b.label for b in self.budgets], "space": self.space.digest, **asdict(self.cfg)}
+        stored = {"budgets": state.get("budgets"), "space": state.get("space_digest"), **state.get("config", {})}
+        changed = [f"{k} {stored.get(k)} -> {v}" for k, v in given.items() if stored.get(k) != v]
+        if changed:
+            raise RunError(f"{self.state_path} is a search with other settings ({'; '.join(changed)}): resume it "
+                           "with the settings it started with, or start a new search in another run directory")
+        if state.get("latency_key") != self.latency.key:
+            raise RunError(f"{self.state_path} was searched with another latency table (target, device, "
+                           "batch size or protocol changed)")
+        return state
 
     # the search ------------------------------------------------------------------------------
     def run_search(self, resume: bool = False) -> dict[str, Any]:
@@ -256,9 +281,9 @@ class EvolutionarySearch:
                     split = tuple(self.state["split"]) if self.state["split"] else None
                     if level == 2 and self.before_level2 is not None:
                         self.before_level2(split)
-                    population = self.initial_population(level, budget, split)
+                    population = self.initial_population(level, budget, split, self._seeds(level))
                     if not population:
-                        raise GlitError(f"no arch of the space fits {budget_label(budget)} with the given limits")
+                        raise GlitError(f"no arch of the space fits {budget} with the given limits")
                     self.state["population"] = [a.to_dict() for a in population]
                     self.state["parents"] = []
                     self._save()
@@ -267,20 +292,34 @@ class EvolutionarySearch:
                 best = self.state["parents"][0] if self.state["parents"] else None
                 info = ""
                 if best:
-                    info = (f"{budget_label(budget)} L{level} best {best['top1']:.2f}% at {best['predicted_ms']:.3f} ms"
+                    info = (f"{budget.label} L{level} best {best['top1']:.2f}% at {best['predicted_ms']:.3f} ms"
                             f" | evals {self.state['evaluated']} cache hits {self.cache_hits}")
                 progress.update(task, completed=_steps_done(cursor, self.cfg.generations), info=info)
                 self._save()
         return self.finish()
 
-    def _generation(self, budget: float, level: int, cursor: dict[str, int]) -> None:
+    def _seeds(self, level: int) -> list[Arch]:
+        """What a population starts from besides random archs: entering level 2, level 1's best; at the
+        start of a budget, the earlier budgets' winners (and their level-1 bests), so that a looser
+        budget always considers what a tighter one found (their scores are reused, not re-drawn)."""
+        if level == 2 and self.state.get("level1_best"):
+            return [Arch.from_dict(self.state["level1_best"])]
+        found = [r["arch"] for r in self.state["results"].values() if r.get("digest")]
+        if level == 1:
+            found += [entry["arch"] for entry in self.state.get("level1", {}).values()]
+        seeds = {a.digest: a for a in map(Arch.from_dict, found)
+                 if level == 1 or list(a.split) == list(self.cfg.fixed_split or a.split)}
+        return list(seeds.values())
+
+    def _generation(self, budget: Budget, level: int, cursor: dict[str, int]) -> None:
         population = [Arch.from_dict(a) for a in self.state["population"]]
-        scores = self.evaluate(population, level)
+        scores = self.evaluate(population, level, budget)
         tag = self.weights_tag(level)
         for arch, top1 in zip(population, scores, strict=True):
             self.state["history"].append({
-                "budget_ms": budget, "level": level, "generation": cursor["generation"], "digest": arch.digest,
-                "top1": top1, "predicted_ms": self.latency.predict_ms(arch), "split": list(arch.split)})
+                "budget": budget.label, "level": level, "generation": cursor["generation"], "digest": arch.digest,
+                "top1": top1, "predicted_ms": self.latency.predict_ms(arch), "split": list(arch.split),
+                "weights": tag})
         pool = {p["digest"]: p for p in self.state["parents"]}
         for arch in population:
             entry = self.state["evaluations"][self._cache_key(arch, tag)]
@@ -300,40 +339,58 @@ class EvolutionarySearch:
         if cursor["generation"] >= self.cfg.generations:
             self._end_level(budget, level, cursor)
 
-    def _end_level(self, budget: float, level: int, cursor: dict[str, int]) -> None:
+    def _end_level(self, budget: Budget, level: int, cursor: dict[str, int]) -> None:
         best = self.state["parents"][0]
         if level == 1:
             self.state["split"] = list(Arch.from_dict(best["arch"]).split)
-            self.state.setdefault("level1", {})[budget_label(budget)] = {
-                "split": self.state["split"], "top1": best["top1"], "predicted_ms": best["predicted_ms"]}
+            self.state["level1_best"] = best["arch"]
+            self.state.setdefault("level1", {})[budget.label] = {
+                "split": self.state["split"], "top1": best["top1"], "predicted_ms": best["predicted_ms"],
+                "weights": best["weights"], "arch": best["arch"]}
             cursor.update(level=2, generation=0)
         else:
-            self.state["results"][budget_label(budget)] = self._pick_winner(budget)
+            self.state["results"][budget.label] = self._pick_winner(budget, self.weights_tag(level))
             self.state["split"] = self.cfg.fixed_split
+            self.state["level1_best"] = None
             cursor.update(budget=cursor["budget"] + 1, level=1 if self.cfg.fixed_split is None else 2, generation=0)
             if cursor["budget"] >= len(self.budgets):
                 self.state["done"] = True
         self.state["population"] = None
         self.state["parents"] = []
 
-    def _pick_winner(self, budget: float) -> dict[str, Any]:
-        """The most accurate evaluated arch that is within budget when measured end to end."""
-        measured = self.state.setdefault("measured_ms", {})
-        ranked = sorted((e for e in self.state["evaluations"].values() if e["predicted_ms"] <= budget
-                         and self.feasible(Arch.from_dict(e["arch"]), budget)),
-                        key=lambda e: (-e["top1"], e["predicted_ms"]))
+    def candidates(self, budget: Budget, weights: str) -> list[dict[str, Any]]:
+        """The budget's own candidates scored with `weights`, most accurate first: the winner's pool."""
+        evaluations = self.state["evaluations"]
+        entries = [{"digest": key.split(":", 1)[1], **evaluations[key]} for key in self._pool(budget)
+                   if key.startswith(f"{weights}:") and key in evaluations]
+        return sorted((e for e in entries if self.feasible(Arch.from_dict(e["arch"]), budget)),
+                      key=lambda e: (-e["top1"], e["predicted_ms"], e["digest"]))
+
+    def _pick_winner(self, budget: Budget, weights: str) -> dict[str, Any]:
+        """The most accurate candidate of this budget whose measurement meets the budget.
+
+        Candidates are measured in order of accuracy (a measurement is kept per arch and reused);
+        the first whose budgeted statistic's upper bound is within the budget, less the margin, wins.
+        """
+        measured = self.state.setdefault("measured", {})
         rejected = []
-        for entry in ranked[: self.cfg.winner_candidates]:
+        for entry in self.candidates(budget, weights)[: self.cfg.winner_candidates]:
             arch = Arch.from_dict(entry["arch"])
             if arch.digest not in measured:
-                measured[arch.digest] = self.measure_fn(arch)
-            if measured[arch.digest] <= budget:
-                return {**entry, "digest": arch.digest, "measured_ms": measured[arch.digest],
-                        "budget_ms": budget, "rejected_over_budget": rejected}
+                measured[arch.digest] = self.measure_fn(arch).to_dict()
+            timing = Timing.from_dict(measured[arch.digest])
+            verdict = budget.verdict(timing)
+            verdict["within_budget"] = verdict["bound_ms"] <= budget.ms * (1 - self.cfg.latency_margin)
+            if verdict["within_budget"]:
+                return {**entry, "measured_ms": timing.median_ms, "budget_ms": budget.ms, "budget": budget.label,
+                        "stat": budget.stat, "latency": {**latency_record(timing, budget), **verdict,
+                                                         "margin": self.cfg.latency_margin},
+                        "rejected_over_budget": rejected}
             rejected.append({"digest": arch.digest, "top1": entry["top1"], "predicted_ms": entry["predicted_ms"],
-                             "measured_ms": measured[arch.digest]})
-        return {"budget_ms": budget, "digest": None, "rejected_over_budget": rejected,
-                "error": f"none of the {len(rejected)} best candidates measured within {budget_label(budget)}"}
+                             "measured_ms": timing.median_ms, **verdict})
+        return {"budget_ms": budget.ms, "budget": budget.label, "stat": budget.stat, "digest": None,
+                "rejected_over_budget": rejected,
+                "error": f"none of the {len(rejected)} best candidates measured within {budget}"}
 
     # outputs ---------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:

@@ -12,8 +12,10 @@ import torch.distributed as dist
 from glit_deploy import distributed
 from glit_deploy.checkpoint import load_checkpoint
 from glit_deploy.data import make_loader
-from glit_deploy.latency.measure import Protocol
-from glit_deploy.latency.table import LatencyModel, measure_arch, profile_latency
+from glit_deploy.errors import RunError
+from glit_deploy.latency.budget import Budget, decision_protocol
+from glit_deploy.latency.measure import TABLE, Protocol, Timing
+from glit_deploy.latency.table import LatencyModel, measure_arch, profile_latency, table_key
 from glit_deploy.latency.targets import Target
 from glit_deploy.nn import Supernet
 from glit_deploy.rundir import RunDir
@@ -39,36 +41,77 @@ def run_latency_model(run: RunDir, target: Target, batch_size: int, protocol: Pr
     return model
 
 
-def resolve_budgets(budgets: list[float | str], latency: LatencyModel, space: Any) -> list[float]:
-    """Budgets in ms; `auto` is the middle of the range the space spans on the target (predicted)."""
+def resume_latency_model(run: RunDir, target: Target, batch_size: int, protocol: Protocol) -> LatencyModel:
+    """The table a search started with: the run's own copy, whatever the shared cache holds now.
+
+    Refuses, with what changed, when the target, its threads, the runtime versions, the batch size or
+    the protocol are not what the table was measured with.
+    """
+    path = latency_table_path(run, target.name, batch_size)
+    if not path.exists():
+        raise RunError(f"the search in {run.path} cannot be resumed: its latency table {path} is missing")
+    model = LatencyModel.load(path)
+    key = table_key(target, run.space(), batch_size, run.load_meta()["data"]["num_classes"], protocol)
+    changed = [f"{k}: {model.key.get(k)} -> {v}" for k, v in _flat(key).items() if _flat(model.key).get(k) != v]
+    if changed:
+        raise RunError(f"the search in {run.path} was measured with other latency settings ({'; '.join(changed)}): "
+                       "resume it with the settings it started with, or start a new search in another run directory")
+    return model
+
+
+def _flat(key: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted names (protocol.min_rounds, versions.onnxruntime): what changed, by name."""
+    flat: dict[str, Any] = {}
+    for k, v in key.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def resolve_budgets(budgets: list[Budget | float | str], latency: LatencyModel, space: Any) -> list[Budget]:
+    """Budgets as `Budget`s: a number is a median budget in ms, and `auto` a median budget in the
+    middle of the range the space spans on the target (predicted)."""
     lo, hi = latency.block_range_ms(space, True), latency.block_range_ms(space, False)
-    return sorted({round(lo + 0.5 * (hi - lo), 4) if b == "auto" else float(b) for b in budgets})
+    return sorted({Budget(round(lo + 0.5 * (hi - lo), 4)) if b == "auto" else
+                   b if isinstance(b, Budget) else Budget(float(b)) for b in budgets})
 
 
-def search(run: RunDir, budgets_ms: list[float | str], target: Target, batch_size: int, cfg: SearchConfig,
+def search(run: RunDir, budgets: list[Budget | float | str], target: Target, batch_size: int, cfg: SearchConfig,
            resume: bool = False, level2_epochs: int = 0, protocol: Protocol | None = None,
            calibration_models: int = 10, holdout_models: int = 20, device: str = "auto") -> dict[str, Any]:
+    """Search under each budget (a `Budget`, or `auto`); returns the summary written to search/summary.json."""
     ctx = distributed.setup(device)
     try:
-        return _search(run, budgets_ms, target, batch_size, cfg, resume, level2_epochs, protocol,
+        return _search(run, budgets, target, batch_size, cfg, resume, level2_epochs, protocol or TABLE,
                        calibration_models, holdout_models, ctx)
     finally:
         distributed.teardown(ctx)
 
 
-def _search(run: RunDir, budgets_ms: list[float | str], target: Target, batch_size: int, cfg: SearchConfig,
-            resume: bool, level2_epochs: int, protocol: Protocol | None, calibration_models: int,
+def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, batch_size: int, cfg: SearchConfig,
+            resume: bool, level2_epochs: int, protocol: Protocol, calibration_models: int,
             holdout_models: int, ctx: distributed.DistContext) -> dict[str, Any]:
     supernet, bundle = load_supernet(run, ctx.device)
     space = supernet.space
+    if cfg.fixed_split is not None:
+        space.validate(space.with_split(cfg.fixed_split), source="--fixed-split")
     target.check()
-    latency = None
-    if ctx.is_main:
-        latency = run_latency_model(run, target, batch_size, protocol, calibration_models, holdout_models)
-        run.record_command("search", {"budgets_ms": budgets_ms, "target": target.name, "batch_size": batch_size,
-                                      "resume": resume, "level2_epochs": level2_epochs, **cfg.__dict__})
-    latency = _broadcast(ctx, latency)
-    budgets_ms = resolve_budgets(budgets_ms, latency, space)
+    state_path = run.path / "search" / "state.json"
+
+    def table() -> LatencyModel:
+        if resume and state_path.exists():
+            latency = resume_latency_model(run, target, batch_size, protocol)
+        else:
+            latency = run_latency_model(run, target, batch_size, protocol, calibration_models, holdout_models)
+        run.record_command("search", {"budgets": [b.label if isinstance(b, Budget) else b for b in budgets],
+                                      "target": target.name, "batch_size": batch_size, "resume": resume,
+                                      "level2_epochs": level2_epochs, **cfg.__dict__})
+        return latency
+
+    latency = distributed.decided_on_main(ctx, table)
+    resolved = resolve_budgets(budgets, latency, space)
     val_loader = make_loader(bundle.val, cfg.batch_size, shuffle=False)
     weights = {"current": supernet}
 
@@ -84,10 +127,12 @@ def _search(run: RunDir, budgets_ms: list[float | str], target: Target, batch_si
                 mine.update(part)
         return [mine[i] for i in range(len(archs))]
 
-    def measure(arch: Arch) -> float:
-        value = (measure_arch(arch, space, supernet.num_classes, target, batch_size, protocol, latency)
-                 if ctx.is_main else None)
-        return _broadcast(ctx, value)
+    winner_protocol = decision_protocol(resolved)
+
+    def measure(arch: Arch) -> Timing:
+        # Rank 0 measures (one clock, one process on the target); every rank takes its reading.
+        return distributed.decided_on_main(
+            ctx, lambda: measure_arch(arch, space, supernet.num_classes, target, batch_size, winner_protocol))
 
     search_state: dict[str, Any] = {}
 
@@ -103,7 +148,7 @@ def _search(run: RunDir, budgets_ms: list[float | str], target: Target, batch_si
             return
         weights["current"] = finetune_for_split(run, supernet, bundle, split, level2_epochs, ctx)
 
-    engine = EvolutionarySearch(run, space, supernet.num_classes, latency, budgets_ms, cfg, evaluate, measure, ctx,
+    engine = EvolutionarySearch(run, space, supernet.num_classes, latency, resolved, cfg, evaluate, measure, ctx,
                                 weights_tag=weights_tag, before_level2=before_level2)
     search_state["engine"] = engine
     if resume and engine.state_path.exists():
@@ -128,12 +173,3 @@ def finetune_for_split(run: RunDir, supernet: Supernet, bundle: Any, split: tupl
     tuned = Supernet(supernet.space, supernet.num_classes)
     tuned.load_state_dict(finished.weights)
     return tuned.to(ctx.device).eval()
-
-
-def _broadcast(ctx: distributed.DistContext, value: Any) -> Any:
-    if not ctx.enabled:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-

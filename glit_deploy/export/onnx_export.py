@@ -5,6 +5,9 @@ Conv2d; checked against the trained model); export with a dynamic batch axis; at
 metadata; onnx's full check; parity against PyTorch on the dataset's real validation images; and,
 with `optimize`, onnxruntime's transformer optimizer followed by a second parity check.
 
+The file that passed is then written to export/staging/ and timed there, as it is, on the run's
+target (`deployed_latency`): a file over the budget its arch was searched for fails too.
+
 A model that fails a check never reaches export/model.onnx (where `glit serve` and Triton read it):
 it is written to export/rejected/ with its model.json (status "failed") for inspection, and any
 previously exported good model stays in place. Every file is written atomically; an export whose
@@ -18,7 +21,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,9 @@ import torch
 from torch import nn
 
 from glit_deploy.errors import CheckpointError, GlitError
+from glit_deploy.export.deployed_latency import Deployment, LatencyBudgetError, over_budget_message, time_deployed_file
 from glit_deploy.export.metadata import ModelMetadata, attach_metadata, session_metadata
-from glit_deploy.export.onnx import DEFAULT_EXPORTER, EXPORTERS, OPSET, check_onnx, export_onnx
+from glit_deploy.export.onnx import DEFAULT_EXPORTER, EXPORTERS, OPSET, check_onnx, deployable_onnx
 from glit_deploy.export.parity import (
     ParityError,
     ParityResult,
@@ -39,6 +43,7 @@ from glit_deploy.export.parity import (
     validation_images,
 )
 from glit_deploy.export.rewrite import prepare_for_export
+from glit_deploy.latency.budget import Budget
 from glit_deploy.rundir import RunDir, atomic_write, atomic_write_json
 from glit_deploy.runtimes import import_onnxruntime, ort_session
 from glit_deploy.trained import MODEL_FILE, TrainedModelInfo, load_trained_info, load_trained_model, retrain_dir
@@ -47,7 +52,8 @@ ONNX_FILE = "model.onnx"
 ONNX_INFO = "model.json"
 OPTIMIZED_FILE = "model.optimized.onnx"
 REJECTED_DIR = "rejected"
-PIPELINE_VERSION = 1  # bump when the pipeline changes what it writes: invalidates reuse
+STAGING_DIR = "staging"
+PIPELINE_VERSION = 2  # bump when the pipeline changes what it writes: invalidates reuse (2: deployed latency)
 MIN_OPSET = 17  # LayerNormalization
 
 Report = Callable[[str], None]
@@ -61,12 +67,16 @@ class OnnxOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
     parity_images: int = 1024  # 0: every validation image
     inject_error: float = 0.0  # self-test of the parity check: shift one exported logit by this much
+    check_latency: bool = True  # time the written file on the run's target and hold it to its search budget
+    latency_budget: str | None = None  # hold the file to this budget (e.g. 5ms, p99:8ms) instead
 
     def validate(self) -> None:
         if self.opset < MIN_OPSET:
             raise GlitError(f"--opset {self.opset}: GLiT needs opset >= {MIN_OPSET} (LayerNormalization)")
         if self.exporter not in EXPORTERS:
             raise GlitError(f"unknown exporter '{self.exporter}' (exporters: {', '.join(EXPORTERS)})")
+        if self.latency_budget is not None:
+            Budget.parse(self.latency_budget)  # a bad budget fails before anything is exported
         if not 0.0 <= self.thresholds.min_agreement <= 1.0:
             raise GlitError("the top-1 agreement threshold must lie between 0 and 100 %")
         if self.thresholds.max_abs_diff < 0:
@@ -211,11 +221,12 @@ def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions 
                                    "rewritten PyTorch model (BatchNorm folded) vs trained model")
     if not rewrite_check.passed:
         raise ParityError(f"the BatchNorm-folded model differs from the trained model: {rewrite_check.failure()}")
-    injected = _perturb(deploy, options.inject_error) if options.inject_error else None
+    injected = _perturb(model, options.inject_error) if options.inject_error else None
 
     report(f"exporting with the {options.exporter} exporter (opset {options.opset})")
     export_started = time.perf_counter()
-    proto = onnx.load_from_string(export_onnx(deploy, images[:1], options.exporter, options.opset))
+    # The one deployable graph (the latency targets time the same): rewrite, exporter, opset, batch axis.
+    proto = onnx.load_from_string(deployable_onnx(model, images[:1], options.exporter, options.opset))
     export_seconds = time.perf_counter() - export_started
     meta = ModelMetadata.from_trained(info)
     attach_metadata(proto, meta)
@@ -271,21 +282,32 @@ def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions 
         opt_bytes, fused, opt_parity = optimized
         sidecar["optimized"] = {"file": OPTIMIZED_FILE, "sha256": hashlib.sha256(opt_bytes).hexdigest(),
                                 "bytes": len(opt_bytes), "fused_operators": fused, "parity": opt_parity.to_dict()}
-    sidecar["seconds"] = round(time.perf_counter() - started, 2)
-
     failed: list[ParityResult] = [p for p in (parity, optimized[2] if optimized else None) if p and not p.passed]
     if failed:
-        rejected = out / REJECTED_DIR
-        sidecar["status"] = "failed"
         sidecar["failure"] = "; ".join(f"{p.what}: {p.failure()}" for p in failed)
-        atomic_write(rejected / ONNX_FILE, lambda tmp: tmp.write_bytes(model_bytes))
-        if optimized:
-            atomic_write(rejected / OPTIMIZED_FILE, lambda tmp: tmp.write_bytes(optimized[0]))
-        atomic_write_json(rejected / ONNX_INFO, sidecar)
+        _reject(out, model_bytes, optimized[0] if optimized else None, sidecar)
         raise ParityError(f"parity check failed: {sidecar['failure']}. The model was not exported; it is kept "
-                          f"for inspection in {rejected / ONNX_FILE}")
+                          f"for inspection in {out / REJECTED_DIR / ONNX_FILE}")
 
-    atomic_write(out / ONNX_FILE, lambda tmp: tmp.write_bytes(model_bytes))
+    staged = out / STAGING_DIR / ONNX_FILE
+    atomic_write(staged, lambda tmp: tmp.write_bytes(model_bytes))
+    if options.check_latency:
+        deployment = Deployment.of_run(run, info.label)
+        if options.latency_budget is not None:
+            deployment = replace(deployment, budget=Budget.parse(options.latency_budget))
+        report(f"timing the file on {deployment.target}, batch {deployment.batch_size}"
+               + (f", against its budget {deployment.budget}" if deployment.budget else ""))
+        sidecar["latency"] = time_deployed_file(staged, deployment)
+        if sidecar["latency"].get("within_budget") is False:
+            sidecar["failure"] = over_budget_message(sidecar["latency"])
+            _reject(out, model_bytes, optimized[0] if optimized else None, sidecar)
+            shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
+            raise LatencyBudgetError(f"{sidecar['failure']}. The model was not exported; it is kept for inspection "
+                                     f"in {out / REJECTED_DIR / ONNX_FILE}")
+    sidecar["seconds"] = round(time.perf_counter() - started, 2)
+
+    staged.replace(out / ONNX_FILE)  # the file that was timed is the file handed over
+    shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
     if optimized:
         atomic_write(out / OPTIMIZED_FILE, lambda tmp: tmp.write_bytes(optimized[0]))
     else:
@@ -295,6 +317,16 @@ def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions 
     run.record_command("export", {"format": "onnx", "label": info.label, "sha256": sidecar["sha256"],
                                   **options.to_dict()})
     return OnnxExport(out / ONNX_FILE, sidecar)
+
+
+def _reject(out: Path, model_bytes: bytes, optimized_bytes: bytes | None, sidecar: dict[str, Any]) -> None:
+    """Keep a model that failed a check in export/rejected/ for inspection; a good export stays in place."""
+    rejected = out / REJECTED_DIR
+    sidecar["status"] = "failed"
+    atomic_write(rejected / ONNX_FILE, lambda tmp: tmp.write_bytes(model_bytes))
+    if optimized_bytes is not None:
+        atomic_write(rejected / OPTIMIZED_FILE, lambda tmp: tmp.write_bytes(optimized_bytes))
+    atomic_write_json(rejected / ONNX_INFO, sidecar)
 
 
 def ensure_onnx(run: RunDir, label: str | None = None, report: Report | None = None) -> OnnxExport:

@@ -1,0 +1,115 @@
+"""`glit search`: the two-level evolutionary search under latency budgets measured on the target."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from glit_deploy.cli import (
+    BatchOpt,
+    RoundsOpt,
+    RunOpt,
+    TargetOpt,
+    ThreadsOpt,
+    WarmupOpt,
+    app,
+    err,
+    out,
+    table_protocol,
+    target_from_options,
+    user_errors,
+)
+from glit_deploy.errors import GlitError
+
+
+def _parse_split(text: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(g) for g in text.split(",")]
+    except ValueError:
+        raise GlitError(f"--fixed-split '{text}': expected global heads per block, e.g. 3,3,1,0") from None
+
+
+@app.command("search")
+@user_errors
+def search_cmd(
+    run: RunOpt,
+    latency_budget: Annotated[list[str], typer.Option("--latency-budget", help="Budget on the median such as 5ms or "
+                                                      "800us, on a percentile of single requests such as p99:8ms "
+                                                      "(p90, p95, p99), or auto (the middle of the space's range on "
+                                                      "the target); repeat for several.")],
+    target: TargetOpt = "",
+    batch_size: BatchOpt = 1,
+    threads: ThreadsOpt = 0,
+    population: Annotated[int, typer.Option(min=2)] = 50,
+    generations: Annotated[int, typer.Option(min=1, help="Generations per level.")] = 20,
+    parents: Annotated[int, typer.Option(min=1)] = 10,
+    mutations: Annotated[int, typer.Option(min=0)] = 25,
+    crossovers: Annotated[int, typer.Option(min=0)] = 25,
+    mutation_prob: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.15,
+    max_params: Annotated[int | None, typer.Option(help="Optional parameter limit.")] = None,
+    max_macs: Annotated[int | None, typer.Option(help="Optional multiply-add limit.")] = None,
+    level2_epochs: Annotated[int, typer.Option(min=0, help="Fine-tune the supernet on the chosen split for N "
+                                               "epochs before level 2.")] = 0,
+    calib_batches: Annotated[int, typer.Option(min=1, help="Batches for BN recalibration per candidate.")] = 8,
+    eval_batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    calibration_models: Annotated[int, typer.Option(min=1)] = 10,
+    holdout_models: Annotated[int, typer.Option(min=1)] = 20,
+    warmup: WarmupOpt = 5,
+    rounds: RoundsOpt = 6,
+    fixed_split: Annotated[str, typer.Option(help="Skip level 1: search the details of this split, given as "
+                                             "global heads per block, e.g. 3,3,3,3,3,3.")] = "",
+    latency_margin: Annotated[float, typer.Option(min=0.0, max=0.5, help="A winner's measured upper bound must be "
+                                                  "this share under the budget, so the deployed file, measured "
+                                                  "again at export, still fits.")] = 0.03,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="Where candidates are evaluated: auto, cpu or cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue the run's interrupted search.")] = False,
+) -> None:
+    """Two-level evolutionary search under latency budgets measured on the target."""
+    from glit_deploy.rundir import RunDir
+    from glit_deploy.search import Budget, SearchConfig
+    from glit_deploy.search.runner import search
+
+    budgets = [b if b == "auto" else Budget.parse(b) for b in latency_budget]
+    cfg = SearchConfig(population=population, generations=generations, parents=parents, mutations=mutations,
+                       crossovers=crossovers, mutation_prob=mutation_prob, seed=seed, max_params=max_params,
+                       max_macs=max_macs, calib_batches=calib_batches, batch_size=eval_batch_size,
+                       fixed_split=_parse_split(fixed_split), latency_margin=latency_margin)
+    summary = search(RunDir(run), budgets, target_from_options(target, threads), batch_size, cfg, resume=resume,
+                     level2_epochs=level2_epochs, protocol=table_protocol(warmup, rounds),
+                     calibration_models=calibration_models, holdout_models=holdout_models, device=device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    table = Table(title=f"search on {summary['target']} (batch {summary['batch_size']}): "
+                  f"{summary['evaluated']} evaluations, {summary['cache_hits']} cache hits, "
+                  f"{summary['seconds']:.0f} s")
+    for column in ("budget", "val top-1", "predicted", "measured (95 % interval)", "budgeted statistic",
+                   "params", "multiply-adds", "arch file"):
+        table.add_column(column)
+    failed = []
+    for label, result in summary["budgets"].items():
+        if not result.get("digest"):
+            failed.append(f"{label}: {result['error']}")
+            table.add_row(label, "-", "-", "-", "-", "-", "-", result["error"])
+            continue
+        lat = result["latency"]
+        table.add_row(label, f"{result['top1']:.2f} %", f"{result['predicted_ms']:.3f} ms",
+                      f"{lat['median_ms']:.3f} ms ({lat['ci_ms'][0]:.3f}-{lat['ci_ms'][1]:.3f})",
+                      f"{lat['stat']} <= {lat['bound_ms']:.3f} ms (95 % bound)",
+                      f"{result['params'] / 1e6:.3f} M", f"{result['macs'] / 1e6:.1f} M",
+                      str(Path(run) / "search" / f"best-{label}.json"))
+        if result.get("rejected_over_budget"):
+            err.print(f"{label}: {len(result['rejected_over_budget'])} more accurate candidate(s) measured over the "
+                      "budget and were rejected (search/summary.json lists them)")
+    out.print(table)
+    out.print(f"Pareto front: {Path(run) / 'search' / 'pareto.png'}")
+    if failed:
+        err.print(Text.assemble(("error: ", "bold red"), "; ".join(failed)), soft_wrap=True)
+        raise typer.Exit(1)

@@ -1,0 +1,77 @@
+"""The latency of the file that is handed over, on the target and under the budget it was searched for.
+
+`glit export` times the ONNX file it is about to deploy, as it is, on the run's target (the
+search's target, batch size and thread count), with the measurement every stage uses
+(`glit_deploy.latency.measure`), and refuses a file whose budgeted statistic's 95 % upper bound
+is over the budget of the search that chose its arch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glit_deploy.errors import GlitError
+from glit_deploy.latency.budget import Budget, decision_protocol, latency_record
+from glit_deploy.latency.targets import OrtTarget, default_target_name, get_target
+from glit_deploy.rundir import RunDir
+from glit_deploy.runtimes import RuntimeUnavailable
+
+
+class LatencyBudgetError(GlitError):
+    """The deployed file measured over the budget it was searched for."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Where and how a run's model is deployed: the search's target settings and the model's budget."""
+
+    target: str
+    batch_size: int
+    threads: int | None  # None: the target's default
+    budget: Budget | None  # None: the model was not chosen under a budget
+
+    @classmethod
+    def of_run(cls, run: RunDir, label: str) -> Deployment:
+        """From the run's search (target, batch size, the latency table's threads) and the model's label
+        (a search winner is labelled by its budget); without a search, the default target at batch 1."""
+        summary_path = run.path / "search" / "summary.json"
+        if not summary_path.exists():
+            return cls(default_target_name(), 1, None, None)
+        summary = json.loads(summary_path.read_text())
+        target, batch_size = summary["target"], int(summary["batch_size"])
+        threads = None
+        table = run.path / "latency" / f"{target}-b{batch_size}.json"
+        if table.exists():
+            threads = json.loads(table.read_text()).get("key", {}).get("threads")
+        budget = Budget.from_label(label) if summary.get("budgets", {}).get(label, {}).get("digest") else None
+        return cls(target, batch_size, threads, budget)
+
+
+def time_deployed_file(path: Path, deployment: Deployment) -> dict[str, Any]:
+    """Time the ONNX file at `path` on the deployment's target; the record `export/model.json` keeps.
+
+    A target that does not run ONNX files as they are (PyTorch; TensorRT, whose engine is timed when
+    it is built) or whose runtime is missing here is recorded as not measured, with the reason.
+    """
+    base = {"target": deployment.target, "batch_size": deployment.batch_size,
+            "budget_ms": deployment.budget.ms if deployment.budget else None}
+    target = get_target(deployment.target, deployment.threads)
+    base["threads"] = target.threads
+    if not isinstance(target, OrtTarget):
+        return {**base, "measured": False,
+                "reason": f"target {target.name} does not run the ONNX file as it is; time what it deploys"}
+    try:
+        timing = target.measure_file(path, deployment.batch_size, decision_protocol([deployment.budget]))
+    except RuntimeUnavailable as exc:
+        return {**base, "measured": False, "reason": str(exc)}
+    return {**base, "measured": True, **latency_record(timing, deployment.budget)}
+
+
+def over_budget_message(record: dict[str, Any]) -> str:
+    return (f"the exported file measured over its budget on {record['target']} at batch {record['batch_size']} "
+            f"({record['threads']} threads): {record['stat']} {record['estimate_ms']:.4f} ms, 95 % upper bound "
+            f"{record['bound_ms']:.4f} ms > budget {record['budget_ms']:g} ms "
+            f"({record['disturbed_rounds']} of {record['rounds']} rounds disturbed by other load)")

@@ -1,0 +1,100 @@
+"""Latency budgets and the decision whether a measured model meets one.
+
+`5ms` constrains the median latency; `p99:8ms` (or p90, p95) constrains that percentile of
+single-request latency. A model meets a budget only when the 95 % upper confidence bound of the
+constrained statistic, as `glit_deploy.latency.measure` estimates it, is within the budget: a
+measurement too noisy to tell is a "no".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from glit_deploy.errors import GlitError
+from glit_deploy.latency.measure import DECISION, PERCENTILES, Protocol, Timing
+
+STATS = ("median", *PERCENTILES)
+
+
+def parse_latency(text: str) -> float:
+    """'5ms', '500us', '0.005s' or a bare number of milliseconds -> milliseconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|us|µs|s)?\s*", text)
+    if not match:
+        raise GlitError(f"latency budget '{text}' is not a duration like 5ms, 800us or 0.005s")
+    value = float(match.group(1))
+    ms = value * {"ms": 1.0, None: 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[match.group(2)]
+    if ms <= 0:
+        raise GlitError(f"latency budget '{text}' must be positive")
+    return ms
+
+
+def budget_label(ms: float, stat: str = "median") -> str:
+    """File-name-safe label: '5ms' for a median budget, 'p99-8ms' for a percentile budget."""
+    return f"{ms:g}ms" if stat == "median" else f"{stat}-{ms:g}ms"
+
+
+@dataclass(frozen=True, order=True)
+class Budget:
+    ms: float
+    stat: str = "median"
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """'5ms' (median), 'p99:8ms', 'p95:800us', 'median:5ms'."""
+        stat, sep, rest = text.partition(":")
+        if not sep:
+            return cls(parse_latency(text))
+        stat = stat.strip().lower()
+        if stat not in STATS:
+            raise GlitError(f"latency budget '{text}': '{stat}' is not one of {', '.join(STATS)}")
+        return cls(parse_latency(rest), stat)
+
+    @classmethod
+    def from_label(cls, label: str) -> Budget:
+        stat, sep, rest = label.partition("-")
+        return cls.parse(f"{stat}:{rest}" if sep else label)
+
+    @property
+    def label(self) -> str:
+        return budget_label(self.ms, self.stat)
+
+    def __str__(self) -> str:
+        return f"{self.ms:g} ms" if self.stat == "median" else f"{self.stat} {self.ms:g} ms"
+
+    def bound_ms(self, timing: Timing) -> float:
+        """The number compared with the budget: the upper 95 % bound of the budgeted statistic."""
+        return timing.upper_bound_ms(self.stat)
+
+    def accepts(self, timing: Timing) -> bool:
+        return self.bound_ms(timing) <= self.ms
+
+    def verdict(self, timing: Timing) -> dict[str, Any]:
+        """What a report records: the budget, the statistic, its estimate and bound, and the decision."""
+        return {"budget": self.label, "budget_ms": self.ms, "stat": self.stat,
+                "estimate_ms": timing.stat_ms(self.stat), "bound_ms": self.bound_ms(timing),
+                "within_budget": self.accepts(timing)}
+
+
+def decision_protocol(budgets: Iterable[Budget | None] = ()) -> Protocol:
+    """The protocol that decides these budgets: a percentile budget needs enough single runs that its
+    upper bound is not simply the slowest run (20 runs beyond the percentile: 2,000 for p99)."""
+    percentiles = [PERCENTILES[b.stat] for b in budgets if b is not None and b.stat != "median"]
+    if not percentiles:
+        return DECISION
+    return replace(DECISION, min_runs=math.ceil(20 / (1 - max(percentiles))), max_seconds=60.0)
+
+
+def latency_record(timing: Timing, budget: Budget | None) -> dict[str, Any]:
+    """How a measured latency is reported wherever it is recorded (search winner, export/model.json)."""
+    record = {"median_ms": timing.median_ms, "ci_ms": [timing.ci_low_ms, timing.ci_high_ms],
+              "p90_ms": timing.p90_ms, "p95_ms": timing.p95_ms, "p99_ms": timing.p99_ms, "runs": timing.runs,
+              "counted_runs": timing.counted_runs,
+              "rounds": timing.rounds, "disturbed_rounds": timing.disturbed_rounds,
+              "all_runs_median_ms": timing.all_runs_median_ms, "converged": timing.converged}
+    if budget is not None:
+        record.update(budget.verdict(timing))
+    return record

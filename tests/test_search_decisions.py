@@ -1,0 +1,192 @@
+"""The search's decisions, driven by controlled scores and controlled timings.
+
+Nothing here is a latency measurement: the latency table is made up, fitness is a fixed function of
+the arch, and the "measured" timings are built from controlled rounds. What is tested is what the
+search decides from them: which winner, which rejection, which scores are reused, what a resume
+accepts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from glit_deploy.errors import GlitError, RunError
+from glit_deploy.latency.budget import Budget
+from glit_deploy.latency.measure import Timing, estimate
+from glit_deploy.latency.table import LatencyModel, block_key
+from glit_deploy.nn.counting import arch_cost
+from glit_deploy.rundir import RunDir
+from glit_deploy.search.evolution import EvolutionarySearch, SearchConfig
+from glit_deploy.space import Arch, BlockGenes, SearchSpace, get_space
+
+SMALL = SearchConfig(population=8, generations=3, parents=3, mutations=4, crossovers=4, seed=1)
+
+
+def block_cost(genes: BlockGenes) -> float:
+    """A made-up, deterministic block latency (ms): wider and more global blocks cost more."""
+    return 0.01 + 0.004 * genes.global_heads + 0.002 * genes.mlp_ratio + 0.001 * (genes.e_c or 0) \
+        + 0.0002 * (genes.kernel or 0) + 0.003 * (genes.e_v or 0)
+
+
+def made_up_table(space: SearchSpace) -> LatencyModel:
+    return LatencyModel(key={"target": "controlled", "batch_size": 1},
+                        block_ms={block_key(g): block_cost(g) for g in space.block_choices()},
+                        stem_ms=0.01, head_ms=0.01)
+
+
+def fitness(arch: Arch) -> float:
+    """A made-up score that likes mixed blocks and large FFNs (deterministic, distinct per arch)."""
+    score = sum(10 * (0 < b.global_heads < 3) + b.mlp_ratio + 0.1 * (b.e_c or 0) for b in arch.blocks)
+    return score + int(arch.digest[:6], 16) / 16**6 / 100
+
+
+def steady_timing(ms: float, tail_ms: float | None = None) -> Timing:
+    """Controlled rounds around `ms` (and, with `tail_ms`, one slow single run in every round)."""
+    rounds = [[ms * (1 + 0.001 * (k % 3)) for k in range(20)] for _ in range(12)]
+    if tail_ms is not None:
+        for r in rounds:
+            r[0] = r[1] = tail_ms
+    return estimate(rounds)
+
+
+class Controlled:
+    """Evaluator and measurer with controlled outputs, counting what the search asked for."""
+
+    def __init__(self, table: LatencyModel, slow: dict[str, Timing] | None = None) -> None:
+        self.table, self.slow = table, slow or {}
+        self.evaluated: Counter[str] = Counter()
+        self.measured: list[str] = []
+
+    def evaluate(self, archs: list[Arch]) -> list[float]:
+        self.evaluated.update(a.digest for a in archs)
+        return [fitness(a) for a in archs]
+
+    def measure(self, arch: Arch) -> Timing:
+        self.measured.append(arch.digest)
+        return self.slow.get(arch.digest) or steady_timing(0.95 * self.table.predict_ms(arch))
+
+
+def engine(tmp_path: Path, budgets: list[Budget], controlled: Controlled, cfg: SearchConfig = SMALL,
+           **kwargs: object) -> EvolutionarySearch:
+    space = get_space("digits")
+    return EvolutionarySearch(RunDir(tmp_path), space, 10, controlled.table, budgets, cfg, controlled.evaluate,
+                              controlled.measure, **kwargs)
+
+
+def budget_at(table: LatencyModel, fraction: float) -> float:
+    space = get_space("digits")
+    lo, hi = table.block_range_ms(space, True), table.block_range_ms(space, False)
+    return round(lo + fraction * (hi - lo), 4)
+
+
+def test_a_winner_measured_over_budget_is_rejected_and_the_next_taken(tmp_path: Path) -> None:
+    table = made_up_table(get_space("digits"))
+    budget = Budget(budget_at(table, 0.5))
+    first = engine(tmp_path / "a", [budget], Controlled(table)).run_search()[
+        "budgets"][budget.label]
+    assert first["digest"] and not first["rejected_over_budget"]
+    # The same search, but the best candidate now measures over the budget (controlled timing).
+    controlled = Controlled(table, slow={first["digest"]: steady_timing(budget.ms * 1.02)})
+    summary = engine(tmp_path / "b", [budget], controlled).run_search()
+    winner = summary["budgets"][budget.label]
+    assert winner["digest"] != first["digest"] and winner["top1"] <= first["top1"]
+    (rejected,) = winner["rejected_over_budget"]
+    assert rejected["digest"] == first["digest"] and rejected["within_budget"] is False
+    assert rejected["bound_ms"] > budget.ms
+    assert controlled.measured[:2] == [first["digest"], winner["digest"]]  # in order of accuracy
+    assert winner["latency"]["within_budget"] and winner["latency"]["bound_ms"] <= budget.ms
+    saved = json.loads((tmp_path / "b" / "search" / f"best-{budget.label}.json").read_text())
+    assert saved["latency"]["median_ms"] == winner["measured_ms"]
+
+
+def test_percentile_budget_is_checked_on_the_tail_of_single_runs(tmp_path: Path) -> None:
+    table = made_up_table(get_space("digits"))
+    ms = budget_at(table, 0.5)
+    best = engine(tmp_path / "a", [Budget(ms)], Controlled(table)).run_search()["budgets"][f"{ms:g}ms"]
+    # The best arch's median is well within, but one run in ten takes twice the budget.
+    tail = {best["digest"]: steady_timing(0.5 * ms, tail_ms=2 * ms)}
+    median = engine(tmp_path / "b", [Budget(ms)], Controlled(table, tail)).run_search()
+    assert median["budgets"][f"{ms:g}ms"]["digest"] == best["digest"]  # a median budget accepts it
+    p99 = engine(tmp_path / "c", [Budget(ms, "p99")], Controlled(table, tail)).run_search()
+    winner = p99["budgets"][f"p99-{ms:g}ms"]
+    assert winner["digest"] != best["digest"] and winner["stat"] == "p99"
+    assert winner["rejected_over_budget"][0]["digest"] == best["digest"]
+    assert winner["latency"]["p99_ms"] <= ms
+
+
+def test_scores_are_reused_across_budgets_never_redrawn(tmp_path: Path) -> None:
+    table = made_up_table(get_space("digits"))
+    tight, loose = Budget(budget_at(table, 0.45)), Budget(budget_at(table, 0.9))
+    controlled = Controlled(table)
+    search = engine(tmp_path, [tight, loose], controlled)
+    summary = search.run_search()
+    assert max(controlled.evaluated.values()) == 1  # no arch was scored twice
+    assert summary["cache_hits"] > 0  # the loose budget took archs the tight one had scored
+    state = search.state
+    assert set(state["pools"]) == {tight.label, loose.label}
+    # Each winner comes from its own budget's pool, and the loose budget may pick what the tight one found.
+    for budget in (tight, loose):
+        winner = summary["budgets"][budget.label]
+        assert f"supernet:{winner['digest']}" in state["pools"][budget.label]
+        pool = [state["evaluations"][k] for k in state["pools"][budget.label]]
+        assert winner["top1"] == max(e["top1"] for e in pool if e["predicted_ms"] <= budget.ms)
+    assert summary["budgets"][loose.label]["top1"] >= summary["budgets"][tight.label]["top1"]
+
+
+def test_the_winner_is_scored_with_the_weights_of_its_last_level(tmp_path: Path) -> None:
+    """Level 2 on other weights (as `--level2-epochs` fine-tunes): level-1 scores never compete with them."""
+    table = made_up_table(get_space("digits"))
+    budget = Budget(budget_at(table, 0.6))
+    search = engine(tmp_path, [budget], Controlled(table),
+                    weights_tag=lambda level: "supernet" if level == 1 else "tuned")
+
+    def scores(archs: list[Arch]) -> list[float]:
+        # Level-1 weights score everything 50 points higher: were they mixed in, a level-1 arch would win.
+        boost = 50.0 if search.state["cursor"]["level"] == 1 else 0.0
+        return [fitness(a) + boost for a in archs]
+
+    search.evaluate_fn = scores
+    winner = search.run_search()["budgets"][budget.label]
+    assert winner["weights"] == "tuned" and winner["top1"] == pytest.approx(fitness(Arch.from_dict(winner["arch"])))
+    level1_best = search.state["level1"][budget.label]
+    assert level1_best["weights"] == "supernet" and level1_best["top1"] > winner["top1"]
+
+
+def test_parameter_and_multiply_add_limits_hold_for_every_candidate(tmp_path: Path) -> None:
+    space = get_space("digits")
+    table = made_up_table(space)
+    budget = Budget(budget_at(table, 0.9))
+    free = engine(tmp_path / "free", [budget], Controlled(table)).run_search()["budgets"][budget.label]
+    max_params = int(free["params"] * 0.9)
+    max_macs = int(free["macs"] * 0.95)
+    cfg = SearchConfig(**{**SMALL.__dict__, "max_params": max_params, "max_macs": max_macs})
+    search = engine(tmp_path / "limited", [budget], Controlled(table), cfg)
+    winner = search.run_search()["budgets"][budget.label]
+    assert winner["params"] <= max_params and winner["macs"] <= max_macs
+    for entry in search.state["evaluations"].values():
+        cost = arch_cost(space, Arch.from_dict(entry["arch"]), 10)
+        assert cost.params <= max_params and cost.macs <= max_macs
+    tiny = SearchConfig(**{**SMALL.__dict__, "max_params": 10})
+    with pytest.raises(GlitError, match="exclude even the smallest arch"):
+        engine(tmp_path / "tiny", [budget], Controlled(table), tiny).run_search()
+
+
+def test_a_resume_refuses_changed_settings_and_continues_with_the_same(tmp_path: Path) -> None:
+    table = made_up_table(get_space("digits"))
+    budget = Budget(budget_at(table, 0.5))
+    search = engine(tmp_path, [budget], Controlled(table))
+    search.check_budgets()
+    search.load_or_start(resume=False)
+    search._save()  # a search that was started, then stopped
+    with pytest.raises(RunError, match="--resume"):
+        engine(tmp_path, [budget], Controlled(table)).run_search(resume=False)
+    changed = SearchConfig(**{**SMALL.__dict__, "population": 9})
+    with pytest.raises(RunError, match=r"population 8 -> 9"):
+        engine(tmp_path, [budget], Controlled(table), changed).run_search(resume=True)
+    with pytest.raises(RunError, match="other settings"):
+        engine(tmp_path, [Budget(budget.ms, "p99")], Controlled(table)).run_search(resume=True)
+    assert engine(tmp_path, [budget], Controlled(table)).run_search(resume=True)["budgets"][budget.label]["digest"]

@@ -113,6 +113,36 @@ def one_search(source: RunDir, out: Path, budget: Budget, cfg: SearchConfig, thr
     return row
 
 
+def plot_against_budget(rows: list[dict[str, Any]], path: Path) -> None:
+    """Each deployed file's measured median (95 % interval as error bar) against its budget, per space."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spaces = sorted({r["space"] for r in rows})
+    fig, axes = plt.subplots(1, len(spaces), figsize=(5 * len(spaces), 4.2), squeeze=False)
+    for ax, space in zip(axes[0], spaces, strict=True):
+        mine = [r for r in rows if r["space"] == space and r.get("export")]
+        budgets = [r["budget_ms"] for r in mine]
+        medians = [r["export"]["median_ms"] for r in mine]
+        errors = [[m - r["export"]["ci_ms"][0] for m, r in zip(medians, mine, strict=True)],
+                  [r["export"]["ci_ms"][1] - m for m, r in zip(medians, mine, strict=True)]]
+        ax.errorbar(budgets, medians, yerr=errors, fmt="o", label="exported file (export's measurement)")
+        independent = [(r["budget_ms"], r["independent"]["median_ms"]) for r in mine if r.get("independent")]
+        if independent:
+            ax.plot(*zip(*independent, strict=True), "x", label="the same file, timed again")
+        if budgets:
+            lo, hi = min(budgets) * 0.9, max(budgets) * 1.05
+            ax.plot([lo, hi], [lo, hi], "k--", linewidth=1, label="budget")
+        ax.set(title=f"{space}: deployed latency against budget", xlabel="budget (ms)", ylabel="median latency (ms)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--digits-run", type=Path, default=REPO / "bench" / "out" / "digits-supernet")
@@ -165,6 +195,8 @@ def main() -> None:
                       ("YES: " + r.get("export_error", "independent measurement over"))[:60] if bad else "no")
     console.print(table)
     console.print(f"{over} of {len(rows)} deployed files over their budget")
+    plot_against_budget(rows, args.out / "deployed_vs_budget.png")
+    console.print(f"plot: {args.out / 'deployed_vs_budget.png'}")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps({"rows": rows, "load_average": loads, "threads": args.threads,

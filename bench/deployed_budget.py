@@ -47,7 +47,7 @@ from glit_deploy.train import TrainConfig, calibration_batches, evaluate, load_s
 from glit_deploy.trained import TrainedModelInfo, save_trained_model
 
 REPO = Path(__file__).resolve().parents[1]
-console = Console()
+console = Console(width=180)
 
 
 def digits_supernet(path: Path) -> RunDir:

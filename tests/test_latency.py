@@ -71,6 +71,10 @@ def test_time_runs_stops_when_the_interval_is_tight_or_at_the_time_cap() -> None
     steady = FakeClock([1.0])
     timing = time_runs(lambda: None, Protocol(warmup=1, min_rounds=10), steady.timer, steady.clock)
     assert timing.converged and timing.rounds == 10 and timing.runs == 50  # 5 ms rounds of 1 ms runs
+    # A decision spans `min_seconds` of wall time, whatever the interval says earlier.
+    spread = FakeClock([1.0])
+    assert time_runs(lambda: None, Protocol(warmup=1, min_rounds=3, min_seconds=0.5), spread.timer,
+                     spread.clock).rounds == 100 and spread.now >= 0.5
     # A slow model: the time cap ends timing before the rounds asked for, and the result says so.
     slow = FakeClock([100.0])
     capped = time_runs(lambda: None, Protocol(warmup=1, min_rounds=10, max_seconds=1.2), slow.timer, slow.clock)

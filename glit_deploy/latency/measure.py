@@ -12,9 +12,11 @@ timed in many short rounds and the estimate is taken from the rounds the host le
 3. the estimate (`median_ms`) is the median of the counted rounds' values, with a distribution-free
    95 % confidence interval from order statistics over those rounds; single-run percentiles (p90,
    p95, p99, with their own order-statistic upper bounds) are taken over the counted rounds' runs;
-4. timing stops once at least `min_rounds` rounds ran, at least `min_counted` counted (holding at
-   least `min_runs` single runs), and the interval lies within +-`ci_target` of the estimate, or
-   when `max_seconds` is spent.
+4. timing stops once at least `min_rounds` rounds ran over at least `min_seconds`, at least
+   `min_counted` counted (holding at least `min_runs` single runs), and the interval lies within
+   +-`ci_target` of the estimate, or when `max_seconds` is spent. The host's disturbances last
+   seconds: a decision's measurement spans 2 s, so that a disturbed stretch shorter than that
+   shows as disturbed rounds instead of as the whole measurement.
 
 Nothing is rescaled: every number is a clock reading or an order statistic of clock readings.
 How many rounds were disturbed, and the plain median of all runs, are reported next to it.
@@ -44,13 +46,14 @@ class Protocol:
     max_seconds: float = 10.0  # time cap (the interval is then reported as it is)
     disturbed_tolerance: float = 0.05
     min_runs: int = 0  # single runs needed in counted rounds (a tail percentile needs many)
+    min_seconds: float = 0.0  # keep timing at least this long, so a disturbed stretch shorter than it is seen
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
-# A search winner or an exported file: measured until the interval is within +-2 %.
-DECISION = Protocol()
+# A search winner or an exported file: measured over 2 s at least, until the interval is within +-2 %.
+DECISION = Protocol(min_seconds=2.0)
 # One entry of a latency table (about 200 per space): fewer rounds, a looser interval.
 TABLE = Protocol(warmup=5, min_rounds=6, min_counted=4, ci_target=0.03, max_seconds=1.0)
 
@@ -151,8 +154,8 @@ def _round_runs(protocol: Protocol, per_run_ms: float) -> int:
     return min(max(wanted, protocol.min_round_runs), protocol.max_round_runs)
 
 
-def _done(rounds: list[list[float]], protocol: Protocol) -> bool:
-    if len(rounds) < protocol.min_rounds:
+def _done(rounds: list[list[float]], protocol: Protocol, elapsed: float) -> bool:
+    if len(rounds) < protocol.min_rounds or elapsed < protocol.min_seconds:
         return False
     timing = estimate(rounds, protocol.disturbed_tolerance)
     return timing.rounds - timing.disturbed_rounds >= protocol.min_counted and timing.ci_half_width <= \
@@ -174,7 +177,7 @@ def time_runs(run: Callable[[], None], protocol: Protocol = DECISION, timer: Tim
     rounds: list[list[float]] = []
     while True:
         rounds.append([timer(run) for _ in range(per_round)])
-        if _done(rounds, protocol):
+        if _done(rounds, protocol, clock() - started):
             return estimate(rounds, protocol.disturbed_tolerance)
         if clock() - started >= protocol.max_seconds and len(rounds) >= 3:
             return estimate(rounds, protocol.disturbed_tolerance, converged=False)
@@ -202,7 +205,7 @@ def time_interleaved(runners: dict[str, Runner], protocol: Protocol) -> dict[str
             run, timer = runners[name]
             rounds[name].append([(timer or host_timer)(run) for _ in range(per_round[name])])
         r += 1
-        if all(_done(rounds[name], protocol) for name in names):
+        if all(_done(rounds[name], protocol, time.perf_counter() - started) for name in names):
             converged = True
             break
         if time.perf_counter() - started >= protocol.max_seconds and r >= 3:

@@ -272,8 +272,8 @@ class EvolutionarySearch:
         started = time.perf_counter() - self.state.get("seconds", 0.0)
         cursor = self.state["cursor"]
         with _progress(self.ctx.is_main) as progress:
-            task = progress.add_task("search", total=len(self.budgets) * 2 * self.cfg.generations,
-                                     completed=_steps_done(cursor, self.cfg.generations), info="")
+            task = progress.add_task("search", total=len(self.budgets) * self._levels() * self.cfg.generations,
+                                     completed=self._steps_done(cursor), info="")
             while not self.state["done"]:
                 budget = self.budgets[cursor["budget"]]
                 level = cursor["level"]
@@ -294,7 +294,7 @@ class EvolutionarySearch:
                 if best:
                     info = (f"{budget.label} L{level} best {best['top1']:.2f}% at {best['predicted_ms']:.3f} ms"
                             f" | evals {self.state['evaluated']} cache hits {self.cache_hits}")
-                progress.update(task, completed=_steps_done(cursor, self.cfg.generations), info=info)
+                progress.update(task, completed=self._steps_done(cursor), info=info)
                 self._save()
         return self.finish()
 
@@ -310,6 +310,14 @@ class EvolutionarySearch:
         seeds = {a.digest: a for a in map(Arch.from_dict, found)
                  if level == 1 or list(a.split) == list(self.cfg.fixed_split or a.split)}
         return list(seeds.values())
+
+    def _levels(self) -> int:
+        return 1 if self.cfg.fixed_split is not None else 2
+
+    def _steps_done(self, cursor: dict[str, int]) -> int:
+        """Generations done, for the progress bar (a fixed split runs level 2 only)."""
+        levels_done = cursor["level"] - 1 if self._levels() == 2 else 0
+        return (cursor["budget"] * self._levels() + levels_done) * self.cfg.generations + cursor["generation"]
 
     def _generation(self, budget: Budget, level: int, cursor: dict[str, int]) -> None:
         population = [Arch.from_dict(a) for a in self.state["population"]]
@@ -415,8 +423,6 @@ class EvolutionarySearch:
         return summary
 
 
-def _steps_done(cursor: dict[str, int], generations: int) -> int:
-    return cursor["budget"] * 2 * generations + (cursor["level"] - 1) * generations + cursor["generation"]
 
 
 def _progress(enabled: bool) -> Progress:

@@ -133,3 +133,24 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
     assert image.size == (900, 900)
     with pytest.raises(ImageRejected, match="truncated"):
         decode_image(header_only_png(900, 900), max_pixels=1_000_000)
+
+
+def test_predict_prints_class_names_and_paths_literally(digits_onnx: Path, digit_folder: Path,  # noqa: F811
+                                                        tmp_path: Path) -> None:
+    """Class names and paths that look like Rich markup are shown as they are, never read as markup."""
+    import dataclasses
+
+    import onnx
+
+    from glit_deploy.export.metadata import attach_metadata, read_metadata
+
+    meta = read_metadata(digits_onnx)
+    names = ["[/]", "[bold]one", *meta.class_names[2:]]
+    model = onnx.load(str(digits_onnx))
+    attach_metadata(model, dataclasses.replace(meta, class_names=tuple(names)))
+    odd = tmp_path / "[red]model.onnx"
+    onnx.save(model, str(odd))
+    image = tmp_path / "[b]img.png"
+    shutil.copy(digit_folder / "00.png", image)
+    proc = glit("predict", "--model", str(odd), str(image), "--top-k", "10", env={"COLUMNS": "400"})
+    assert "[/]" in proc.stdout and "[bold]one" in proc.stdout and "[b]img.png" in proc.stdout

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -63,7 +64,7 @@ def predict_cmd(
 
     predictor = Predictor.load(resolve_model_path(model, run), provider, threads or None)
     if predictor.note:
-        err.print(f"[yellow]warning:[/] {predictor.note}", soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(predictor.note)}", soft_wrap=True)
     files, errors = _image_files(images)
     inputs: list[tuple[Path, Any]] = []
     for path in files:
@@ -88,13 +89,14 @@ def predict_cmd(
             "errors": [{"image": str(p), "error": m} for p, m in errors]}))
     elif results:
         shown = min(top_k, predictor.meta.num_classes)
-        table = Table(title=f"{predictor.source} ({', '.join(predictor.providers)})")
+        table = Table(title=escape(f"{predictor.source} ({', '.join(predictor.providers)})"))
         table.add_column("image", overflow="fold")
         for rank in range(1, shown + 1):
             table.add_column(f"#{rank}")
         for path, pred in results:
-            table.add_row(str(path), *(f"{c} ({100 * p:.1f} %)" for c, p in zip(pred.classes, pred.probabilities,
-                                                                               strict=True)))
+            # Paths and class names are shown literally: a class named "[bold]" is not markup.
+            table.add_row(Text(str(path)), *(Text(f"{c} ({100 * p:.1f} %)") for c, p in zip(
+                pred.classes, pred.probabilities, strict=True)))
         out.print(table)
     if errors:
         raise typer.Exit(1)
@@ -136,14 +138,14 @@ def serve_cmd(
                         "such a request could never be queued")
     predictor = Predictor.load(resolve_model_path(model, run), provider, threads or None)
     if predictor.note:
-        err.print(f"[yellow]warning:[/] {predictor.note}", soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(predictor.note)}", soft_wrap=True)
     settings = ServeSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels,
                              max_images_per_request=max_images_per_request)
     asgi_app, state = create_app(predictor, settings)
     meta = predictor.meta
-    err.print(f"serving {predictor.source} ({meta.label or 'model'}, {meta.num_classes} classes, "
-              f"{meta.image_size} px) on http://{host}:{port} with {', '.join(predictor.providers)}; "
-              f"batches of up to {max_batch_size}, waiting at most {max_wait_ms:g} ms", soft_wrap=True)
+    err.print(Text(f"serving {predictor.source} ({meta.label or 'model'}, {meta.num_classes} classes, "
+                   f"{meta.image_size} px) on http://{host}:{port} with {', '.join(predictor.providers)}; "
+                   f"batches of up to {max_batch_size}, waiting at most {max_wait_ms:g} ms"), soft_wrap=True)
     run_server(asgi_app, state, host=host, port=port, graceful_timeout_s=graceful_timeout, log_level=log_level,
                access_log=access_log)

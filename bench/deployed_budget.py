@@ -157,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    spaces = [("digits", digits_supernet(args.digits_run), args.digits_searches)]
+    spaces = [("digits", digits_supernet(args.digits_run), args.digits_searches)] if args.digits_searches else []
     if args.cifar_run:
         spaces.append(("cifar", RunDir(args.cifar_run), args.cifar_searches))
     cfg = SearchConfig(population=args.population, generations=args.generations, parents=3, mutations=3,

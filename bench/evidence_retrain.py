@@ -41,17 +41,19 @@ so processes side by side never train the same job, even with overlapping filter
     nice -n 15 /work/main/.venv/bin/python bench/evidence_retrain.py --summary \\
         --json-out /work/evidence/evidence_retrain.json
 
-A small end-to-end check on the built-in digits space (a fake batch-1 JSON with digits archs; about
-5 min on one busy core, most of it the exports' and the independent timings):
+A small end-to-end check on the built-in digits space, on the JSON of batch 1's own digits check (its
+docstring; about 50 s), then every job at 1 epoch, two processes side by side (2 min on 2 busy cores):
 
-    nice -n 15 /work/main/.venv/bin/glit train-supernet --run /tmp/er-digits --space digits --data digits \\
-        --epochs 1 --threads 1
-    GLIT_CACHE_DIR=/tmp/er-cache nice -n 15 /work/main/.venv/bin/python bench/evidence_retrain.py \\
-        --batch1 /tmp/er/evidence.json --supernet-run /tmp/er-digits --out /tmp/er/out \\
-        --models-dir /tmp/er/models --epochs 1 --ranking-epochs 1 --threads 1
-    GLIT_CACHE_DIR=/tmp/er-cache nice -n 15 /work/main/.venv/bin/python bench/evidence_retrain.py \\
-        --batch1 /tmp/er/evidence.json --supernet-run /tmp/er-digits --out /tmp/er/out \\
-        --models-dir /tmp/er/models --epochs 1 --ranking-epochs 1 --summary --json-out /tmp/er/summary.json
+    nice -n 15 /work/main/.venv/bin/glit train-supernet --run /tmp/er2-digits --space digits --data digits \\
+        --epochs 2 --threads 1
+    GLIT_CACHE_DIR=/tmp/er-cache nice -n 15 /work/main/.venv/bin/python bench/evidence_cifar.py \\
+        --supernet-run /tmp/er2-digits --budget 0.16ms --population 4 --generations 1 --parents 2 --children 2 \\
+        --calib-batches 1 --out /tmp/er2-out --json-out /tmp/er2-out/evidence.json
+    E="nice -n 15 /work/main/.venv/bin/python bench/evidence_retrain.py --batch1 /tmp/er2-out/evidence.json \\
+        --supernet-run /tmp/er2-digits --out /tmp/er2-out --models-dir /tmp/er2-models --epochs 1 --ranking-epochs 1"
+    $E --roles evolution,random-search,random --threads 1 > /tmp/er2-a.log 2>&1 &
+    $E --roles all-global,ranking --threads 1 > /tmp/er2-b.log 2>&1 &
+    wait; $E --summary --json-out /tmp/er2-out/summary.json
 """
 
 from __future__ import annotations
@@ -251,8 +253,8 @@ def check_job_dir(job: Job, run: RunDir, cfg: RetrainConfig) -> None:
                                    "(batch 1 changed?); move it away")
     if RetrainConfig.from_dict(saved) != cfg:
         changed = [k for k, v in asdict(cfg).items() if saved.get(k) != v]
-        raise RetrainEvidenceError(f"{stage} was trained with another recipe ({', '.join(changed)} differ: "
-                                   f"{', '.join(f'{k}={saved.get(k)}' for k in changed)}); move it away or use "
+        differ = ", ".join(f"{k} {saved.get(k)} there, {getattr(cfg, k)} asked" for k in changed)
+        raise RetrainEvidenceError(f"{stage} was trained with another recipe ({differ}); move it away or use "
                                    "the same --epochs/--ranking-epochs")
 
 
@@ -315,7 +317,8 @@ def publish(job: Job, run: RunDir, info: Any, onnx_path: Path, sidecar: dict[str
         "onnx_skipped": None if published else f"{size} bytes > {MAX_ONNX_BYTES}",
         "exported_by": EXPORTED_BY, "export": {k: sidecar.get(k) for k in ("parity", "latency", "opset", "created")},
         "batch1": {"source": job.source, **job.batch1},
-        "run": str(run.path), "retrain_seconds": round(retrain_seconds, 1),
+        "run": str(run.path), "train_seconds": round(sum(h.get("epoch_seconds") or 0 for h in history), 1),
+        "call_seconds": round(retrain_seconds, 1),
         "history": [{k: h.get(k) for k in ("epoch", "train_loss", "val_top1", "val_top1_ema", "epoch_seconds")}
                     for h in history],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -467,9 +470,9 @@ def print_jobs(jobs: list[Job], notes: list[str], args: argparse.Namespace, scor
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--batch1", type=Path, default=Path("/work/evidence/evidence.json"),
+    parser.add_argument("--batch1", type=Path, default=REPO / "bench" / "evidence" / "cifar10-batch1.json",
                         help="the JSON bench/evidence_cifar.py wrote")
-    parser.add_argument("--supernet-run", type=Path, default=Path("/work/evidence/cifar-supernet"),
+    parser.add_argument("--supernet-run", type=Path, default=REPO / "bench" / "evidence",
                         help="the run whose run.json (space, data) every job's run directory copies")
     parser.add_argument("--out", type=Path, default=Path("/work/evidence"), help="jobs train in OUT/retrain-runs/NAME")
     parser.add_argument("--models-dir", type=Path, default=REPO / "bench" / "models" / "cifar10",
@@ -528,6 +531,8 @@ def main() -> int:
         with job_lock(args.out, job.name) as held:
             if not held:
                 console.print(f"[yellow]{job.name}: another process is running it; skipped[/yellow]")
+                continue
+            if (args.models_dir / f"{job.name}.json").exists():  # finished by another process meanwhile
                 continue
             try:
                 run_job(job, args, source, scores)

@@ -47,6 +47,10 @@ console = Console(stderr=True)
 EMA_PREFIX = "ema."
 
 
+# Settings that do not change what is trained: a resume may change them.
+NO_EFFECT_ON_WEIGHTS = {"workers", "eval_every"}
+
+
 @dataclass
 class RetrainConfig:
     """The DeiT recipe, scaled to short runs: timm names in brackets."""
@@ -130,21 +134,16 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
     if data_spec is None:
         raise RunError(f"{run.meta_path} records no dataset")
     if (stage / INFO_FILE).exists() and resume:
+        info = load_trained_info(run, label)
+        _same_retraining(stage, info.arch.to_dict(), info.extra.get("recipe"), arch, cfg)
         if ctx.is_main:
             console.print(f"{stage} is already retrained; nothing to do")
-        return load_trained_info(run, label)
+        return info
     checkpoint = load_checkpoint(stage) if resume else None
     if not resume and (stage / "latest.json").exists():
         raise RunError(f"{stage} already holds a retraining: pass --resume to continue it, or remove the folder")
     if checkpoint is not None:
-        saved = RetrainConfig.from_dict(checkpoint.state.get("config", {}))
-        if saved != cfg and ctx.is_main:
-            changed = [f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)]
-            console.print(f"[yellow]resuming with the checkpoint's settings; ignoring changed {', '.join(changed)}")
-        cfg = saved
-        saved_arch = checkpoint.state.get("arch")
-        if saved_arch is not None and Arch.from_dict(saved_arch).digest != arch.digest:
-            raise CheckpointError(f"{stage} holds the retraining of another arch")
+        _same_retraining(stage, checkpoint.state.get("arch"), checkpoint.state.get("config"), arch, cfg)
 
     bundle = load_data(data_spec, space.image_size)
     set_train_transform(bundle, deit_train_transform(bundle, _auto_augment(cfg), cfg.reprob))
@@ -275,6 +274,22 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
         console.print(f"retrained {label}: validation top-1 {final[chosen]:.2f} % ({chosen} weights) -> {stage}")
     distributed.barrier(ctx)
     return info
+
+
+def _same_retraining(stage: Path, saved_arch: dict[str, Any] | None, saved_config: dict[str, Any] | None,
+                     arch: Arch, cfg: RetrainConfig) -> None:
+    """A resume (or a finished retraining asked for again) must be the same arch and recipe: refuse, and say
+    what differs, rather than continue or return another training under the same label."""
+    if saved_arch is not None and Arch.from_dict(saved_arch).digest != arch.digest:
+        raise CheckpointError(f"{stage} holds the retraining of another arch ({Arch.from_dict(saved_arch).digest}, "
+                              f"not {arch.digest}): use another label, or remove the folder")
+    if saved_config is not None:
+        saved = RetrainConfig.from_dict(saved_config)
+        changed = [f"{f.name} {getattr(saved, f.name)} -> {getattr(cfg, f.name)}" for f in fields(cfg)
+                   if f.name not in NO_EFFECT_ON_WEIGHTS and getattr(cfg, f.name) != getattr(saved, f.name)]
+        if changed:
+            raise RunError(f"{stage} was trained with other settings ({'; '.join(changed)}): resume it with the "
+                           "settings it started with, or retrain under another label")
 
 
 def _auto_augment(cfg: RetrainConfig) -> str | None:

@@ -43,7 +43,8 @@ def test_retrain_from_supernet_weights_keeps_accuracy(run_copy: Path) -> None:
     top1 = evaluate(model, make_loader(bundle.val, 256, shuffle=False), torch.device("cpu"))
     assert abs(top1 - result["val_top1"]) < 1e-9
     # A finished retraining is not redone under --resume; without it the folder is protected.
-    again = glit(*_retrain_args(run_copy, "--arch", "largest", "--init", "supernet", "--epochs", "2", "--resume"))
+    again = glit(*_retrain_args(run_copy, "--arch", "largest", "--init", "supernet", "--epochs", "2",
+                                "--lr", "2e-4", "--rand-augment", "none", "--mixup", "0", "--cutmix", "0", "--resume"))
     assert "nothing to do" in again.stderr
     refused = glit(*_retrain_args(run_copy, "--arch", "largest", "--epochs", "2"), check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
@@ -72,6 +73,9 @@ def test_killed_retrain_resumes_to_identical_weights(run_copy: Path, tmp_path: P
     ema_keys = [k for k in load_file(str(next((run_copy / "retrain" / label / "ckpt").iterdir())
                                            / "model.safetensors")) if k.startswith("ema.")]
     assert ema_keys, "the EMA weights travel in the checkpoint"
+    # The same label with another recipe is refused, finished or not, never mixed or silently returned.
+    changed = glit(*_retrain_args(straight, *args[:-2], "--seed", "6", "--resume"), check=False)
+    assert changed.returncode == 2 and "seed 5 -> 6" in changed.stderr and "Traceback" not in changed.stderr
 
 
 def test_retrain_errors(run_copy: Path) -> None:

@@ -88,6 +88,7 @@ def test_budget_parsing_and_the_decision_by_upper_bound() -> None:
     assert Budget.parse("5ms") == Budget(5.0) and Budget.parse("p99:8ms") == Budget(8.0, "p99")
     assert Budget.parse("p95:800us") == Budget(0.8, "p95") and Budget.parse("median:2ms") == Budget(2.0)
     assert Budget.from_label(Budget(8.0, "p99").label) == Budget(8.0, "p99") and Budget(5.0).label == "5ms"
+    assert Budget.from_label(Budget(1e-5).label) == Budget(1e-5)  # a '-' inside the number is not a statistic
     for bad in ("p42:5ms", "fast", "p99:", "p99:-1ms"):
         with pytest.raises(GlitError):
             Budget.parse(bad)

@@ -18,6 +18,7 @@ from glit_deploy.latency.budget import Budget, decision_protocol, latency_record
 from glit_deploy.latency.targets import OrtTarget, default_target_name, get_target
 from glit_deploy.rundir import RunDir
 from glit_deploy.runtimes import RuntimeUnavailable
+from glit_deploy.search.runner import latency_table_path
 
 
 class LatencyBudgetError(GlitError):
@@ -43,7 +44,7 @@ class Deployment:
         summary = json.loads(summary_path.read_text())
         target, batch_size = summary["target"], int(summary["batch_size"])
         threads = None
-        table = run.path / "latency" / f"{target}-b{batch_size}.json"
+        table = latency_table_path(run, target, batch_size)
         if table.exists():
             threads = json.loads(table.read_text()).get("key", {}).get("threads")
         budget = Budget.from_label(label) if summary.get("budgets", {}).get(label, {}).get("digest") else None

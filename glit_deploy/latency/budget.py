@@ -55,8 +55,9 @@ class Budget:
 
     @classmethod
     def from_label(cls, label: str) -> Budget:
+        """The budget a `label` names ('5ms', 'p99-8ms'; a median label may hold '-' as in '1e-05ms')."""
         stat, sep, rest = label.partition("-")
-        return cls.parse(f"{stat}:{rest}" if sep else label)
+        return cls.parse(f"{stat}:{rest}" if sep and stat in STATS else label)
 
     @property
     def label(self) -> str:

@@ -163,7 +163,7 @@ class OrtTarget(Target):
         return {"onnxruntime": import_onnxruntime().__version__, "torch": torch.__version__}
 
     def _runner(self, module: nn.Module, example: Tensor) -> Runner:
-        return self._session_runner(ort_session(deployed_onnx(module, example), self.provider, self.threads),
+        return self._session_runner(ort_session(deployable_onnx(module, example), self.provider, self.threads),
                                     example.cpu().numpy())
 
     def file_runner(self, path: Path, batch_size: int) -> Runner:
@@ -221,7 +221,7 @@ class TensorRTTarget(Target):
         return {"tensorrt": import_tensorrt().__version__, "torch": torch.__version__}
 
     def _runner(self, module: nn.Module, example: Tensor) -> Runner:
-        return self._engine_runner(deployed_onnx(module, example), tuple(example.shape))
+        return self._engine_runner(deployable_onnx(module, example), tuple(example.shape))
 
     def file_runner(self, path: Path, batch_size: int) -> Runner:
         return self._engine_runner(path.read_bytes(), _onnx_input_shape(path, batch_size))
@@ -242,11 +242,6 @@ class TensorRTTarget(Target):
                 return cuda_event_timer(fn)
 
         return run, timer
-
-
-def deployed_onnx(module: nn.Module, example: Tensor) -> bytes:
-    """The ONNX graph `glit export` deploys, for this module: time what ships."""
-    return deployable_onnx(module, example)
 
 
 def _onnx_input_shape(path: Path, batch_size: int) -> tuple[int, ...]:

@@ -42,8 +42,8 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt
     except ImportError:
-        raise RuntimeUnavailable("TensorRT is not installed: pip install 'glit-deploy[trt]' with NVIDIA's "
-                                 "package index reachable, on a machine with an NVIDIA GPU") from None
+        raise RuntimeUnavailable("TensorRT is not installed: pip install 'glit-deploy[gpu,trt]' (or '[cpu,trt]'; "
+                                 "onnxruntime checks the engines) on a machine with an NVIDIA GPU") from None
     return tensorrt
 
 
@@ -54,8 +54,8 @@ def require_cuda(what: str) -> None:
         raise RuntimeUnavailable(f"{what} needs an NVIDIA GPU with CUDA, and torch sees none")
 
 
-def ort_session(model: bytes | str | os.PathLike, provider: str = "CPUExecutionProvider", threads: int | None = None
-                ) -> Any:
+def ort_session(model: bytes | str | os.PathLike, provider: str = "CPUExecutionProvider", threads: int | None = None,
+                provider_options: dict[str, Any] | None = None) -> Any:
     """An InferenceSession on exactly `provider` (CPU as the fallback for unsupported nodes only)."""
     ort = import_onnxruntime()
     available = ort.get_available_providers()
@@ -68,7 +68,8 @@ def ort_session(model: bytes | str | os.PathLike, provider: str = "CPUExecutionP
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    first: Any = (provider, provider_options) if provider_options else provider
+    providers = [first] if provider == "CPUExecutionProvider" else [first, "CPUExecutionProvider"]
     source = model if isinstance(model, bytes) else str(model)
     try:
         session = ort.InferenceSession(source, options, providers=providers)

@@ -29,6 +29,8 @@ RunOpt = Annotated[Path, typer.Option("--run", help="Run directory (runs/NAME)."
 ArchOpt = Annotated[str, typer.Option(help="ARCH.json, largest, smallest, random:SEED or a named arch.")]
 TargetOpt = Annotated[str, typer.Option(help="ort-cpu, ort-cuda, ort-trt, torch-cpu, torch-cuda or trt "
                                         "(default: ort-cuda with a GPU, else ort-cpu).")]
+PrecisionOpt = Annotated[str, typer.Option(help="Precision the target deploys at: fp32, or int8 (ort-cpu, ort-trt, "
+                                           "trt: onnxruntime's static QDQ quantization), fp16 (ort-trt, trt).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size the latency is measured at.")]
 ThreadsOpt = Annotated[int, typer.Option(min=0, help="Runtime threads (0: half the cores this process may use).")]
 WarmupOpt = Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")]
@@ -58,10 +60,10 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def target_from_options(name: str, threads: int) -> Any:
+def target_from_options(name: str, threads: int, precision: str = "fp32") -> Any:
     from glit_deploy.latency import default_target_name, get_target
 
-    return get_target(name or default_target_name(), threads or None)
+    return get_target(name or default_target_name(), threads or None, precision or "fp32")
 
 
 def table_protocol(warmup: int, rounds: int) -> Any:

@@ -49,6 +49,14 @@ def export_cmd(
     fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT: float16 engine (LayerNorm, softmax stay "
                                        "float32).")] = False,
     max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile and Triton max_batch_size.")] = 32,
+    precision: Annotated[str, typer.Option(help="ONNX: fp32, or int8 (static QDQ quantization, calibrated on "
+                                           "training images, behind an accuracy gate); default: the precision "
+                                           "the run's search measured at, else fp32.")] = "",
+    calibration_images: Annotated[int, typer.Option(min=1, help="int8: training images to calibrate on.")] = 64,
+    max_top1_drop: Annotated[float, typer.Option(min=0, help="int8 gate: largest top-1 drop from float32, in "
+                                                 "points, on the validation split.")] = 0.5,
+    min_int8_agreement: Annotated[float, typer.Option(min=0, max=100, help="int8 gate: smallest top-1 agreement "
+                                                      "with float32, in %.")] = 97.0,
     force: Annotated[bool, typer.Option(help="Export again even when an up-to-date export exists.")] = False,
     latency: Annotated[bool, typer.Option(help="Time the written ONNX file on the run's target and fail when it "
                                           "is over the budget its arch was searched for.")] = True,
@@ -64,8 +72,11 @@ def export_cmd(
         raise GlitError(f"unknown --format '{format}' (formats: {', '.join(FORMATS)})")
     rundir = RunDir(run)
     if format == "onnx":
+        from glit_deploy.quant import AccuracyGate
+
+        gate = AccuracyGate(max_drop=max_top1_drop, min_agreement=min_int8_agreement / 100)
         _export_onnx(rundir, model, opset, exporter, optimize, max_abs_diff, min_agreement, parity_images, force,
-                     inject_error, latency, latency_budget)
+                     inject_error, latency, latency_budget, precision, calibration_images, gate)
     elif format == "trt":
         _export_trt(rundir, model, fp16, max_batch, max_abs_diff, min_agreement)
     else:
@@ -74,7 +85,8 @@ def export_cmd(
 
 def _export_onnx(rundir: Any, model: str | None, opset: int, exporter: str, optimize: bool,
                  max_abs_diff: float | None, min_agreement: float | None, parity_images: int, force: bool,
-                 inject_error: float, check_latency: bool, latency_budget: str | None) -> None:
+                 inject_error: float, check_latency: bool, latency_budget: str | None, precision: str,
+                 calibration_images: int, gate: Any) -> None:
     from glit_deploy.export.onnx_export import OnnxOptions, export_run_onnx
     from glit_deploy.export.parity import Thresholds
 
@@ -82,7 +94,8 @@ def _export_onnx(rundir: Any, model: str | None, opset: int, exporter: str, opti
                             1.0 if min_agreement is None else min_agreement / 100)
     options = OnnxOptions(opset=opset, exporter=exporter, optimize=optimize, thresholds=thresholds,
                           parity_images=parity_images, inject_error=inject_error, check_latency=check_latency,
-                          latency_budget=latency_budget)
+                          latency_budget=latency_budget, precision=precision, calibration_images=calibration_images,
+                          gate=gate)
     with _steps("ONNX export") as report:
         result = export_run_onnx(rundir, model, options, force=force, report=report)
     s = result.sidecar
@@ -92,7 +105,16 @@ def _export_onnx(rundir: Any, model: str | None, opset: int, exporter: str, opti
     table.add_row("exporter", f"{s['exporter']['call']}, opset {s['opset']}, dynamic batch")
     table.add_row("optimisations", "; ".join(s["optimisations"]))
     table.add_row("checks", f"onnx.checker full check; rewrite max |diff| {s['checks']['rewrite']['max_abs_diff']:.3g}")
-    table.add_row("parity", f"{s['parity']['images']} validation images: " + _parity_text(s["parity"]))
+    float32 = " (of the float32 graph)" if s.get("precision") == "int8" else ""
+    table.add_row("parity" + float32, f"{s['parity']['images']} validation images: " + _parity_text(s["parity"]))
+    if s.get("gate"):
+        g = s["gate"]
+        q = s["quantization"]
+        table.add_row("precision", f"int8 (QDQ, {', '.join(q['recipe']['op_types'])}, per-channel weights), "
+                      f"calibrated on {q['calibration']['images']} training images")
+        table.add_row("int8 gate", f"{g['images']} validation images: top-1 {g['fp32_top1']:.2f} % -> "
+                      f"{g['int8_top1']:.2f} % (drop {g['drop_points']:.2f} ≤ {g['max_drop']:g}), agreement "
+                      f"{100 * g['agreement']:.2f} % (≥ {100 * g['min_agreement']:g} %)")
     if s.get("optimized"):
         o = s["optimized"]
         fused = ", ".join(f"{k} {v}" for k, v in o["fused_operators"].items()) or "nothing fused"
@@ -105,7 +127,8 @@ def _export_onnx(rundir: Any, model: str | None, opset: int, exporter: str, opti
 
 def latency_text(record: dict[str, Any]) -> str:
     """One line for a deployed file's latency record (export/model.json's `latency`)."""
-    where = f"{record['target']}, batch {record['batch_size']}, {record['threads']} threads"
+    precision = f" {record['precision']}" if record.get("precision", "fp32") != "fp32" else ""
+    where = f"{record['target']}{precision}, batch {record['batch_size']}, {record['threads']} threads"
     if not record.get("measured"):
         return f"not measured on {where}: {record.get('reason')}"
     lo, hi = record["ci_ms"]

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from glit_deploy.cli import (
     BatchOpt,
+    PrecisionOpt,
     RoundsOpt,
     RunOpt,
     TargetOpt,
@@ -34,6 +35,7 @@ app.add_typer(latency_app, name="latency")
 def latency_profile_cmd(
     run: RunOpt,
     target: TargetOpt = "",
+    precision: PrecisionOpt = "fp32",
     batch_size: BatchOpt = 1,
     threads: ThreadsOpt = 0,
     calibration_models: Annotated[int, typer.Option(min=1, help="Whole models measured to calibrate.")] = 10,
@@ -48,11 +50,11 @@ def latency_profile_cmd(
     from glit_deploy.search.runner import latency_table_path, run_latency_model
 
     rundir = RunDir(run)
-    tgt = target_from_options(target, threads)
+    tgt = target_from_options(target, threads, precision)
     model = run_latency_model(rundir, tgt, batch_size, table_protocol(warmup, rounds), calibration_models,
                               holdout_models, use_cache=cache)
     space = rundir.space()
-    table = Table(title=f"latency model: {tgt.name}, batch {batch_size}", show_header=False)
+    table = Table(title=f"latency model: {tgt.label}, batch {batch_size}", show_header=False)
     table.add_row("device", f"{model.key['device']} ({model.key['threads']} threads)")
     table.add_row("table", "cache hit (nothing measured)" if model.cache_hit else
                   f"measured in {model.build_seconds:.1f} s")
@@ -70,7 +72,7 @@ def latency_profile_cmd(
         table.add_row("worst error", f"{r.worst:.2f} %")
         table.add_row("within 5 % / 10 %", f"{100 * r.within_5:.0f} % / {100 * r.within_10:.0f} %")
         table.add_row("repeat noise", f"{r.noise:.2f} % (two measurements of one model)")
-    table.add_row("written", str(latency_table_path(rundir, tgt.name, batch_size)))
+    table.add_row("written", str(latency_table_path(rundir, tgt.label, batch_size)))
     out.print(table)
 
 
@@ -91,6 +93,8 @@ def latency_measure_cmd(
     model: Annotated[Path | None, typer.Option(help="An ONNX file, timed as it is (instead of --run/--arch).")]
     = None,
     target: TargetOpt = "",
+    precision: Annotated[str, typer.Option(help="fp32 or int8 (an arch is quantized as export does it); a --model "
+                                           "file is timed at its own precision.")] = "",
     batch_size: BatchOpt = 1,
     threads: ThreadsOpt = 0,
     budget: Annotated[str, typer.Option("--latency-budget", help="Also decide a budget, e.g. 5ms or p99:8ms.")]
@@ -110,20 +114,25 @@ def latency_measure_cmd(
     decision = Budget.parse(budget) if budget else None
     protocol = decision_protocol([decision])
     protocol = replace(protocol, max_seconds=max_seconds) if max_seconds else protocol
-    tgt = target_from_options(target, threads)
     if model is not None:
         if run is not None or arch:
             raise GlitError("give either --model FILE.onnx, or --run with --arch, not both")
+        if not model.is_file():
+            raise GlitError(f"{model} does not exist")
+        from glit_deploy.latency.targets import onnx_precision
+
+        tgt = target_from_options(target, threads, precision or onnx_precision(model))
         timing = tgt.measure_file(model, batch_size, protocol)
         subject: dict[str, Any] = {"model": str(model)}
     else:
         if run is None or not arch:
             raise GlitError("give --model FILE.onnx, or --run RUN with --arch ARCH")
         resolved, space, num_classes = _arch_and_space(run, arch)
+        tgt = target_from_options(target, threads, precision)
         timing = measure_arch(resolved, space, num_classes, tgt, batch_size, protocol)
         subject = {"digest": resolved.digest}
-    record = {"target": tgt.name, "batch_size": batch_size, "threads": tgt.threads, **subject,
-              **latency_record(timing, decision)}
+    record = {"target": tgt.name, "precision": tgt.precision, "batch_size": batch_size, "threads": tgt.threads,
+              **subject, **latency_record(timing, decision)}
     typer.echo(json.dumps(record))
     if decision is not None and not record["within_budget"]:
         raise typer.Exit(1)
@@ -135,6 +144,7 @@ def latency_predict_cmd(
     run: RunOpt,
     arch: Annotated[str, typer.Option(help="ARCH.json, largest, smallest, random:SEED or a named arch.")],
     target: TargetOpt = "",
+    precision: PrecisionOpt = "fp32",
     batch_size: BatchOpt = 1,
 ) -> None:
     """Predict one arch's latency from the run's latency table (no measurement)."""
@@ -144,6 +154,11 @@ def latency_predict_cmd(
 
     resolved, _, _ = _arch_and_space(run, arch)
     name = target or default_target_name()
-    model = LatencyModel.load(latency_table_path(RunDir(run), name, batch_size))
-    typer.echo(json.dumps({"target": name, "batch_size": batch_size, "digest": resolved.digest,
-                           "predicted_ms": model.predict_ms(resolved)}))
+    label = name if precision in ("", "fp32") else f"{name}-{precision}"
+    path = latency_table_path(RunDir(run), label, batch_size)
+    if not path.exists():
+        raise GlitError(f"{path} does not exist: measure the table first with `glit latency profile --run {run} "
+                        f"--target {name} --precision {precision or 'fp32'} --batch-size {batch_size}`")
+    model = LatencyModel.load(path)
+    typer.echo(json.dumps({"target": name, "precision": precision or "fp32", "batch_size": batch_size,
+                           "digest": resolved.digest, "predicted_ms": model.predict_ms(resolved)}))

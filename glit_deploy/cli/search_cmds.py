@@ -12,6 +12,7 @@ from rich.text import Text
 
 from glit_deploy.cli import (
     BatchOpt,
+    PrecisionOpt,
     RoundsOpt,
     RunOpt,
     TargetOpt,
@@ -45,8 +46,12 @@ def search_cmd(
                                                       "(p90, p95, p99), or auto (the middle of the space's range on "
                                                       "the target); repeat for several.")],
     target: TargetOpt = "",
+    precision: PrecisionOpt = "fp32",
     batch_size: BatchOpt = 1,
     threads: ThreadsOpt = 0,
+    quant_eval: Annotated[int, typer.Option(min=0, help="With --precision int8: also score the K most accurate "
+                                            "candidates quantized and take them by int8 accuracy (the winner is "
+                                            "always quantized, scored and measured).")] = 0,
     population: Annotated[int, typer.Option(min=2)] = 50,
     generations: Annotated[int, typer.Option(min=1, help="Generations per level.")] = 20,
     parents: Annotated[int, typer.Option(min=1)] = 10,
@@ -81,13 +86,17 @@ def search_cmd(
     cfg = SearchConfig(population=population, generations=generations, parents=parents, mutations=mutations,
                        crossovers=crossovers, mutation_prob=mutation_prob, seed=seed, max_params=max_params,
                        max_macs=max_macs, calib_batches=calib_batches, batch_size=eval_batch_size,
-                       fixed_split=_parse_split(fixed_split), latency_margin=latency_margin)
-    summary = search(RunDir(run), budgets, target_from_options(target, threads), batch_size, cfg, resume=resume,
-                     level2_epochs=level2_epochs, protocol=table_protocol(warmup, rounds),
+                       fixed_split=_parse_split(fixed_split), latency_margin=latency_margin,
+                       quant_eval=quant_eval)
+    if quant_eval and precision != "int8":
+        raise GlitError("--quant-eval scores candidates quantized: it needs --precision int8")
+    summary = search(RunDir(run), budgets, target_from_options(target, threads, precision), batch_size, cfg,
+                     resume=resume, level2_epochs=level2_epochs, protocol=table_protocol(warmup, rounds),
                      calibration_models=calibration_models, holdout_models=holdout_models, device=device)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    table = Table(title=f"search on {summary['target']} (batch {summary['batch_size']}): "
+    on = summary["target"] + (f" {summary['precision']}" if summary.get("precision", "fp32") != "fp32" else "")
+    table = Table(title=f"search on {on} (batch {summary['batch_size']}): "
                   f"{summary['evaluated']} evaluations, {summary['cache_hits']} cache hits, "
                   f"{summary['seconds']:.0f} s")
     for column in ("budget", "val top-1", "predicted", "measured (95 % interval)", "budgeted statistic",
@@ -100,7 +109,8 @@ def search_cmd(
             table.add_row(label, "-", "-", "-", "-", "-", "-", result["error"])
             continue
         lat = result["latency"]
-        table.add_row(label, f"{result['top1']:.2f} %", f"{result['predicted_ms']:.3f} ms",
+        top1 = f"{result['top1']:.2f} %" + (f" (int8 {result['int8_top1']:.2f} %)" if "int8_top1" in result else "")
+        table.add_row(label, top1, f"{result['predicted_ms']:.3f} ms",
                       f"{lat['median_ms']:.3f} ms ({lat['ci_ms'][0]:.3f}-{lat['ci_ms'][1]:.3f})",
                       f"{lat['stat']} <= {lat['bound_ms']:.3f} ms (95 % bound)",
                       f"{result['params'] / 1e6:.3f} M", f"{result['macs'] / 1e6:.1f} M",

@@ -1,7 +1,8 @@
 """`glit bench`: the same exported model on every runtime this machine has, at several batch sizes.
 
 Rows: PyTorch eager (CPU, and CUDA with a GPU), onnxruntime on each available execution provider
-(plus the transformer-optimized ONNX when one was exported), and the TensorRT engine when one was
+(plus the transformer-optimized ONNX when one was exported; an int8 export is timed on onnxruntime-CPU
+next to the float32 graph it was quantized from), and the TensorRT engine when one was
 built and TensorRT can load it. Each row is measured as `glit_deploy.latency.measure` defines it
 (the median of the rounds the host left undisturbed, its 95 % interval, single-run p90 and p99). The
 rows of one batch size are timed interleaved, round by round, so their ratios hold on a shared
@@ -144,6 +145,12 @@ def available_runtimes(run: RunDir, threads: int, notes: list[str]) -> list[Runt
         if provider not in ORT_NAMES:
             continue
         try:
+            if sidecar.get("precision") == "int8":
+                if provider != "CPUExecutionProvider":
+                    continue  # the QDQ graph is written for onnxruntime's CPU kernels
+                runtimes.append(_ort_runtime(out / sidecar["file"], provider, threads, "-int8"))
+                runtimes.append(_ort_runtime(out / sidecar["fp32"]["file"], provider, threads))
+                continue
             runtimes.append(_ort_runtime(out / sidecar["file"], provider, threads))
             if sidecar.get("optimized"):
                 runtimes.append(_ort_runtime(out / sidecar["optimized"]["file"], provider, threads, "-optimized"))

@@ -32,6 +32,8 @@ class ModelMetadata:
     val_top1: float | None = None
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
+    precision: str = "fp32"  # int8: a QDQ graph quantized by glit_deploy.quant (still float32 in and out)
+    quantization: dict[str, Any] | None = None  # int8: the recipe and the calibration images
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -48,8 +50,10 @@ class ModelMetadata:
             "input_shape": json.dumps(list(self.input_shape)), "mean": json.dumps(list(self.mean)),
             "std": json.dumps(list(self.std)), "class_names": json.dumps(list(self.class_names)),
             "label": self.label, "val_top1": "" if self.val_top1 is None else repr(self.val_top1),
-            "input_name": self.input_name, "output_name": self.output_name,
+            "input_name": self.input_name, "output_name": self.output_name, "precision": self.precision,
         }
+        if self.quantization is not None:
+            values["quantization"] = json.dumps(self.quantization, sort_keys=True)
         return {PREFIX + k: v for k, v in values.items()}
 
     @classmethod
@@ -66,7 +70,9 @@ class ModelMetadata:
                        label=values.get("label", ""),
                        val_top1=float(values["val_top1"]) if values.get("val_top1") else None,
                        input_name=values.get("input_name", INPUT_NAME),
-                       output_name=values.get("output_name", OUTPUT_NAME))
+                       output_name=values.get("output_name", OUTPUT_NAME),
+                       precision=values.get("precision", "fp32"),
+                       quantization=json.loads(values["quantization"]) if values.get("quantization") else None)
         except (KeyError, ValueError, TypeError) as exc:
             raise GlitError(f"{source} has corrupt glit metadata ({exc!r})") from None
 

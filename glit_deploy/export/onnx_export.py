@@ -5,8 +5,12 @@ Conv2d; checked against the trained model); export with a dynamic batch axis; at
 metadata; onnx's full check; parity against PyTorch on the dataset's real validation images; and,
 with `optimize`, onnxruntime's transformer optimizer followed by a second parity check.
 
+With `precision="int8"` the float32 graph that passed parity is quantized (`glit_deploy.quant`:
+static QDQ, calibrated on training images), and, since logit parity does not apply to int8, held to
+an accuracy gate on the whole validation split instead: top-1 drop and top-1 agreement with float32.
+
 The file that passed is then written to export/staging/ and timed there, as it is, on the run's
-target (`deployed_latency`): a file over the budget its arch was searched for fails too.
+target at its precision (`deployed_latency`): a file over the budget its arch was searched for fails too.
 
 A model that fails a check never reaches export/model.onnx (where `glit serve` and Triton read it):
 it is written to export/rejected/ with its model.json (status "failed") for inspection, and any
@@ -29,7 +33,13 @@ import torch
 from torch import nn
 
 from glit_deploy.errors import CheckpointError, GlitError
-from glit_deploy.export.deployed_latency import Deployment, LatencyBudgetError, over_budget_message, time_deployed_file
+from glit_deploy.export.deployed_latency import (
+    Deployment,
+    LatencyBudgetError,
+    over_budget_message,
+    searched_precision,
+    time_deployed_file,
+)
 from glit_deploy.export.metadata import ModelMetadata, attach_metadata, session_metadata
 from glit_deploy.export.onnx import DEFAULT_EXPORTER, EXPORTERS, OPSET, check_onnx, deployable_onnx
 from glit_deploy.export.parity import (
@@ -44,6 +54,16 @@ from glit_deploy.export.parity import (
 )
 from glit_deploy.export.rewrite import prepare_for_export
 from glit_deploy.latency.budget import Budget
+from glit_deploy.quant import (
+    CALIBRATION_SEED,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_RECIPE,
+    AccuracyGate,
+    calibration_images,
+    check_precision,
+    graph_predictions,
+    quantize_onnx,
+)
 from glit_deploy.rundir import RunDir, atomic_write, atomic_write_json
 from glit_deploy.runtimes import import_onnxruntime, ort_session
 from glit_deploy.trained import MODEL_FILE, TrainedModelInfo, load_trained_info, load_trained_model, retrain_dir
@@ -51,9 +71,10 @@ from glit_deploy.trained import MODEL_FILE, TrainedModelInfo, load_trained_info,
 ONNX_FILE = "model.onnx"
 ONNX_INFO = "model.json"
 OPTIMIZED_FILE = "model.optimized.onnx"
+FP32_FILE = "model.fp32.onnx"  # an int8 export keeps the float32 graph it was quantized from, for comparison
 REJECTED_DIR = "rejected"
 STAGING_DIR = "staging"
-PIPELINE_VERSION = 2  # bump when the pipeline changes what it writes: invalidates reuse (2: deployed latency)
+PIPELINE_VERSION = 3  # bump when the pipeline changes what it writes: invalidates reuse (3: precision)
 MIN_OPSET = 17  # LayerNormalization
 
 Report = Callable[[str], None]
@@ -69,8 +90,17 @@ class OnnxOptions:
     inject_error: float = 0.0  # self-test of the parity check: shift one exported logit by this much
     check_latency: bool = True  # time the written file on the run's target and hold it to its search budget
     latency_budget: str | None = None  # hold the file to this budget (e.g. 5ms, p99:8ms) instead
+    precision: str = ""  # fp32, or int8 (static QDQ quantization behind the accuracy gate); "": the search's
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES  # int8: training images the ranges are calibrated on
+    gate: AccuracyGate = field(default_factory=AccuracyGate)  # int8: what it must keep of float32
 
     def validate(self) -> None:
+        if self.precision:
+            check_precision(self.precision, ("fp32", "int8"), "an ONNX export")
+        if self.calibration_images < 1:
+            raise GlitError("--calibration-images must be at least 1")
+        if self.gate.max_drop < 0 or not 0.0 <= self.gate.min_agreement <= 1.0:
+            raise GlitError("the int8 gate needs a non-negative top-1 drop and an agreement between 0 and 100 %")
         if self.opset < MIN_OPSET:
             raise GlitError(f"--opset {self.opset}: GLiT needs opset >= {MIN_OPSET} (LayerNormalization)")
         if self.exporter not in EXPORTERS:
@@ -84,6 +114,10 @@ class OnnxOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class AccuracyGateError(GlitError):
+    """The int8 model kept too little of the float32 model's accuracy."""
 
 
 @dataclass
@@ -146,9 +180,9 @@ def _reusable(run: RunDir, key: str) -> dict[str, Any] | None:
     out = export_dir(run)
     if sidecar.get("key") != key or sha256_file(out / ONNX_FILE) != sidecar.get("sha256"):
         return None
-    opt = sidecar.get("optimized")
-    if opt and (not (out / opt["file"]).exists() or sha256_file(out / opt["file"]) != opt["sha256"]):
-        return None
+    for extra in (sidecar.get("optimized"), sidecar.get("fp32")):
+        if extra and (not (out / extra["file"]).exists() or sha256_file(out / extra["file"]) != extra["sha256"]):
+            return None
     return sidecar
 
 
@@ -199,6 +233,8 @@ def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions 
 
     options = options or OnnxOptions()
     options.validate()
+    if not options.precision:  # what the search measured is what is exported
+        options = replace(options, precision=searched_precision(run))
     report = report or (lambda _msg: None)
     info = load_trained_info(run, label)
     weights = retrain_dir(run, info.label) / MODEL_FILE
@@ -259,6 +295,7 @@ def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions 
         "file": ONNX_FILE,
         "sha256": hashlib.sha256(model_bytes).hexdigest(),
         "bytes": len(model_bytes),
+        "precision": "fp32",
         "opset": options.opset,
         "exporter": {"name": options.exporter, "call": f"torch.onnx.export(dynamo={options.exporter == 'dynamo'})",
                      "seconds": round(export_seconds, 3), **_versions()},
@@ -289,10 +326,18 @@ def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions 
         raise ParityError(f"parity check failed: {sidecar['failure']}. The model was not exported; it is kept "
                           f"for inspection in {out / REJECTED_DIR / ONNX_FILE}")
 
+    fp32_bytes = None
+    if options.precision == "int8":
+        if optimized:
+            raise GlitError("--optimize rewrites the float32 graph for GPU providers; it does not combine with "
+                            "--precision int8")
+        fp32_bytes = model_bytes
+        model_bytes = _quantize_and_gate(model_bytes, meta, info, options, sidecar, out, threads, report)
+
     staged = out / STAGING_DIR / ONNX_FILE
     atomic_write(staged, lambda tmp: tmp.write_bytes(model_bytes))
     if options.check_latency:
-        deployment = Deployment.of_run(run, info.label)
+        deployment = Deployment.of_run(run, info.search_budget, options.precision)
         if options.latency_budget is not None:
             deployment = replace(deployment, budget=Budget.parse(options.latency_budget))
         report(f"timing the file on {deployment.target}, batch {deployment.batch_size}"
@@ -312,11 +357,50 @@ def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions 
         atomic_write(out / OPTIMIZED_FILE, lambda tmp: tmp.write_bytes(optimized[0]))
     else:
         (out / OPTIMIZED_FILE).unlink(missing_ok=True)
+    if fp32_bytes is not None:
+        atomic_write(out / FP32_FILE, lambda tmp: tmp.write_bytes(fp32_bytes))
+    else:
+        (out / FP32_FILE).unlink(missing_ok=True)
     atomic_write_json(out / ONNX_INFO, sidecar)  # last: it vouches for the files above
     shutil.rmtree(out / REJECTED_DIR, ignore_errors=True)
     run.record_command("export", {"format": "onnx", "label": info.label, "sha256": sidecar["sha256"],
                                   **options.to_dict()})
     return OnnxExport(out / ONNX_FILE, sidecar)
+
+
+def _quantize_and_gate(fp32_bytes: bytes, meta: ModelMetadata, info: TrainedModelInfo, options: OnnxOptions,
+                       sidecar: dict[str, Any], out: Path, threads: int | None, report: Report) -> bytes:
+    """The float32 graph that passed parity -> its int8 graph, with metadata, if it passes the gate."""
+    import onnx
+
+    from glit_deploy.data import load_data
+
+    bundle = load_data(info.data, info.image_size)
+    report(f"int8: calibrating on {min(options.calibration_images, len(bundle.calib))} training images")
+    calibration = calibration_images(bundle.calib, options.calibration_images)
+    quantized = onnx.load_from_string(quantize_onnx(fp32_bytes, calibration, DEFAULT_RECIPE))
+    quantization = {"method": "onnxruntime.quantization.quantize_static (QDQ)", "recipe": DEFAULT_RECIPE.to_dict(),
+                    "calibration": {"split": "train", "images": len(calibration), "seed": CALIBRATION_SEED}}
+    attach_metadata(quantized, replace(meta, precision="int8", quantization=quantization))
+    quantized.doc_string = f"GLiT '{info.label}' ({info.arch.digest}) int8, exported by glit-deploy"
+    int8_bytes = quantized.SerializeToString()
+    check_onnx(int8_bytes)
+
+    report(f"int8 accuracy gate on {len(bundle.val)} validation images")
+    fp32_pred, labels = graph_predictions(fp32_bytes, bundle.val, threads=threads)
+    int8_pred, _ = graph_predictions(int8_bytes, bundle.val, threads=threads)
+    gate = options.gate.judge(fp32_pred, int8_pred, labels)
+    sidecar.update({"precision": "int8", "quantization": quantization, "gate": gate,
+                    "fp32": {"file": FP32_FILE, "sha256": hashlib.sha256(fp32_bytes).hexdigest()},
+                    "sha256": hashlib.sha256(int8_bytes).hexdigest(), "bytes": len(int8_bytes),
+                    "metadata": asdict(replace(meta, precision="int8", quantization=quantization))})
+    sidecar["parity"] = {**sidecar["parity"], "of": "the float32 graph the int8 graph was quantized from"}
+    if not gate["passed"]:
+        sidecar["failure"] = "int8 accuracy gate: " + "; ".join(gate["failures"])
+        _reject(out, int8_bytes, None, sidecar)
+        raise AccuracyGateError(f"{sidecar['failure']}. The model was not exported; it is kept for inspection in "
+                                f"{out / REJECTED_DIR / ONNX_FILE}")
+    return int8_bytes
 
 
 def _reject(out: Path, model_bytes: bytes, optimized_bytes: bytes | None, sidecar: dict[str, Any]) -> None:

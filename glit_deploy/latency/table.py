@@ -202,7 +202,7 @@ def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_
     total = len(choices) + 2 + len(calib_archs) + 2 * len(holdout_archs)
     timings: list[Timing] = []
     with _progress() as progress:
-        task = progress.add_task(f"latency {target.name}", total=total, info="blocks")
+        task = progress.add_task(f"latency {target.label}", total=total, info="blocks")
 
         def timed(module: nn.Module, example: Tensor) -> float:
             timing = target.measure(module, example, protocol)
@@ -253,8 +253,9 @@ def _distinct(archs: list[Arch]) -> list[Arch]:
 
 
 def measure_arch(arch: Arch, space: SearchSpace, num_classes: int, target: Target, batch_size: int = 1,
-                 protocol: Protocol = DECISION) -> Timing:
-    """End-to-end latency of a whole model on the target: its deployable graph, timed as the file
-    `glit export` would write it (the weights do not change the time)."""
+                 protocol: Protocol = DECISION, calibration: Any = None) -> Timing:
+    """End-to-end latency of a whole model on the target: its deployable graph at the target's
+    precision, timed as the file `glit export` would write it (the weights do not change the time;
+    an int8 graph is quantized on `calibration`, the images export calibrates on, when given)."""
     image = torch.randn(batch_size, space.in_chans, space.image_size, space.image_size)
-    return target.measure(GLiT(arch, space, num_classes), image, protocol)
+    return target.measure(GLiT(arch, space, num_classes), image, protocol, calibration)

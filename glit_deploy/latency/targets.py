@@ -9,11 +9,12 @@
 | torch-cuda | PyTorch eager on CUDA                      | CUDA events                              |
 | trt        | a TensorRT engine built from the ONNX      | CUDA events around execute_async_v3      |
 
-onnxruntime and TensorRT targets time the deployable ONNX graph of a module
-(`glit_deploy.export.onnx.deployable_onnx`, the graph `glit export` writes), or an ONNX file as it
-is (`measure_file`). Every timing follows `glit_deploy.latency.measure`: what the clock reads,
-estimated from the rounds the host left undisturbed. A target whose runtime is missing fails with
-one line naming what to install; it is never replaced by another.
+onnxruntime and TensorRT targets time the deployable ONNX graph of a module at the target's
+precision (`glit_deploy.quant.deployable_graph`: `export.onnx.deployable_onnx`, quantized for int8;
+the graph `glit export` writes), or an ONNX file as it is (`measure_file`). Every timing follows
+`glit_deploy.latency.measure`: what the clock reads, estimated from the rounds the host left
+undisturbed. A target whose runtime is missing fails with one line naming what to install; it is
+never replaced by another.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from glit_deploy.errors import GlitError
-from glit_deploy.export.onnx import deployable_onnx
 from glit_deploy.latency.measure import DECISION, Protocol, Runner, Timing, time_runs
+from glit_deploy.quant import DEFAULT_RECIPE, QuantRecipe, check_precision, deployable_graph
 from glit_deploy.runtimes import (
     INSTALL_HINT,
     RuntimeUnavailable,
@@ -44,6 +45,13 @@ from glit_deploy.runtimes import (
 )
 
 TARGETS = ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda", "trt")
+# The precisions each target deploys at. int8 on onnxruntime is the QDQ graph of `glit_deploy.quant`;
+# TensorRT (and onnxruntime's TensorRT provider) builds int8 from the same QDQ graph (explicit
+# quantization) and fp16 from the float32 graph.
+TARGET_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "ort-cpu": ("fp32", "int8"), "ort-cuda": ("fp32",), "ort-trt": ("fp32", "fp16", "int8"),
+    "torch-cpu": ("fp32",), "torch-cuda": ("fp32",), "trt": ("fp32", "fp16", "int8"),
+}
 
 
 def default_threads() -> int:
@@ -59,16 +67,24 @@ class Target(ABC):
     name: str
     device_kind: str = "cpu"
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, precision: str = "fp32",
+                 recipe: QuantRecipe = DEFAULT_RECIPE) -> None:
         self.threads = threads or default_threads()
+        self.precision = precision
+        self.recipe = recipe  # how an int8 graph is quantized (part of what a table measured)
         self.measurements = 0  # how many modules this target has timed (a cache hit times none)
+
+    @property
+    def label(self) -> str:
+        """The target with its precision, as file names and reports show it: `ort-cpu`, `ort-cpu-int8`."""
+        return self.name if self.precision == "fp32" else f"{self.name}-{self.precision}"
 
     @abstractmethod
     def check(self) -> None:
         """Raise RuntimeUnavailable when the runtime or the device is missing."""
 
     @abstractmethod
-    def _runner(self, module: nn.Module, example: Tensor) -> Runner:
+    def _runner(self, module: nn.Module, example: Tensor, calibration: np.ndarray | None) -> Runner:
         """A zero-argument callable running one inference, and an optional per-run timer."""
 
     def runtime_versions(self) -> dict[str, str]:
@@ -79,17 +95,29 @@ class Target(ABC):
 
     def fingerprint(self) -> dict[str, Any]:
         """What a latency table depends on besides the model: the cache key's target part."""
-        return {"target": self.name, "device": self.device(), "machine": platform.machine(),
-                "threads": self.threads, "versions": self.runtime_versions()}
+        key = {"target": self.name, "device": self.device(), "machine": platform.machine(),
+               "threads": self.threads, "versions": self.runtime_versions()}
+        if self.precision != "fp32":
+            key["precision"] = self.precision
+            if self.precision == "int8":
+                key["quantization"] = self.recipe.to_dict()
+        return key
 
-    def runner(self, module: nn.Module, example: Tensor) -> Runner:
+    def graph(self, module: nn.Module, example: Tensor, calibration: np.ndarray | None = None) -> bytes:
+        """The graph this target deploys for `module`: float32, or int8 calibrated on `calibration`
+        (random inputs when None, which gives the same speed: only for timing)."""
+        precision = "int8" if self.precision == "int8" else "fp32"  # fp16 is the engine builder's business
+        return deployable_graph(module, example, precision, calibration, self.recipe)
+
+    def runner(self, module: nn.Module, example: Tensor, calibration: np.ndarray | None = None) -> Runner:
         """A ready-to-time inference of `module` on this target (built once, timed many times)."""
         self.check()
-        return self._runner(module.eval(), example)
+        return self._runner(module.eval(), example, calibration)
 
-    def measure(self, module: nn.Module, example: Tensor, protocol: Protocol = DECISION) -> Timing:
-        """Time `module` (as this target deploys it) on `example`."""
-        run, timer = self.runner(module, example)
+    def measure(self, module: nn.Module, example: Tensor, protocol: Protocol = DECISION,
+                calibration: np.ndarray | None = None) -> Timing:
+        """Time `module` (as this target deploys it, at its precision) on `example`."""
+        run, timer = self.runner(module, example, calibration)
         with torch.inference_mode():
             timing = time_runs(run, protocol, timer)
         self.measurements += 1
@@ -100,11 +128,21 @@ class Target(ABC):
         raise GlitError(f"target {self.name} times PyTorch modules, not ONNX files: time the file on an "
                         "onnxruntime or TensorRT target (ort-cpu, ort-cuda, ort-trt, trt)")
 
+    def check_file_precision(self, path: Path) -> None:
+        """A file is timed as it is: refuse one whose precision is not the target's (an int8 budget
+        met by a float32 file, or the reverse, would be a measurement of another graph)."""
+        found = onnx_precision(path)
+        expected = "int8" if self.precision == "int8" else "fp32"
+        if found != expected:
+            raise GlitError(f"{path} is a {found} graph, but target {self.label} deploys {expected} graphs: "
+                            f"time it with --precision {found}")
+
     def measure_file(self, path: Path, batch_size: int, protocol: Protocol = DECISION) -> Timing:
         """Time the ONNX file at `path` as it is (the deployed file), with random inputs of `batch_size`."""
         if not Path(path).is_file():
             raise GlitError(f"{path} does not exist")
         self.check()
+        self.check_file_precision(Path(path))
         run, timer = self.file_runner(Path(path), batch_size)
         timing = time_runs(run, protocol, timer)
         self.measurements += 1
@@ -113,7 +151,7 @@ class Target(ABC):
 
 class TorchTarget(Target):
     def __init__(self, device_kind: str, threads: int | None = None) -> None:
-        super().__init__(threads)
+        super().__init__(threads, "fp32")
         self.device_kind = device_kind
         self.name = f"torch-{device_kind}"
 
@@ -121,7 +159,7 @@ class TorchTarget(Target):
         if self.device_kind == "cuda":
             require_cuda(f"target {self.name}")
 
-    def _runner(self, module: nn.Module, example: Tensor) -> Runner:
+    def _runner(self, module: nn.Module, example: Tensor, calibration: np.ndarray | None) -> Runner:
         torch.set_num_threads(self.threads)
         device = torch.device(self.device_kind)
         module = module.to(device)
@@ -146,8 +184,9 @@ class OrtTarget(Target):
     PROVIDERS: ClassVar[dict[str, str]] = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
                  "ort-trt": "TensorrtExecutionProvider"}
 
-    def __init__(self, name: str, threads: int | None = None) -> None:
-        super().__init__(threads)
+    def __init__(self, name: str, threads: int | None = None, precision: str = "fp32",
+                 recipe: QuantRecipe = DEFAULT_RECIPE) -> None:
+        super().__init__(threads, precision, recipe)
         self.name = name
         self.provider = self.PROVIDERS[name]
         self.device_kind = "cpu" if name == "ort-cpu" else "cuda"
@@ -162,12 +201,19 @@ class OrtTarget(Target):
     def runtime_versions(self) -> dict[str, str]:
         return {"onnxruntime": import_onnxruntime().__version__, "torch": torch.__version__}
 
-    def _runner(self, module: nn.Module, example: Tensor) -> Runner:
-        return self._session_runner(ort_session(deployable_onnx(module, example), self.provider, self.threads),
-                                    example.cpu().numpy())
+    def provider_options(self) -> dict[str, Any]:
+        """onnxruntime's TensorRT provider builds fp16 or int8 (from the QDQ graph) only when told to."""
+        if self.provider != "TensorrtExecutionProvider":
+            return {}
+        return {"trt_fp16_enable": self.precision in ("fp16", "int8"), "trt_int8_enable": self.precision == "int8"}
+
+    def _runner(self, module: nn.Module, example: Tensor, calibration: np.ndarray | None) -> Runner:
+        session = ort_session(self.graph(module, example, calibration), self.provider, self.threads,
+                              self.provider_options())
+        return self._session_runner(session, example.cpu().numpy())
 
     def file_runner(self, path: Path, batch_size: int) -> Runner:
-        session = ort_session(path, self.provider, self.threads)
+        session = ort_session(path, self.provider, self.threads, self.provider_options())
         return self._session_runner(session, file_input(session, batch_size, path))
 
     def _session_runner(self, session: Any, x: np.ndarray) -> Runner:
@@ -220,8 +266,8 @@ class TensorRTTarget(Target):
     def runtime_versions(self) -> dict[str, str]:
         return {"tensorrt": import_tensorrt().__version__, "torch": torch.__version__}
 
-    def _runner(self, module: nn.Module, example: Tensor) -> Runner:
-        return self._engine_runner(deployable_onnx(module, example), tuple(example.shape))
+    def _runner(self, module: nn.Module, example: Tensor, calibration: np.ndarray | None) -> Runner:
+        return self._engine_runner(self.graph(module, example, calibration), tuple(example.shape))
 
     def file_runner(self, path: Path, batch_size: int) -> Runner:
         return self._engine_runner(path.read_bytes(), _onnx_input_shape(path, batch_size))
@@ -255,16 +301,31 @@ def _onnx_input_shape(path: Path, batch_size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def get_target(name: str, threads: int | None = None) -> Target:
+def onnx_precision(path: Path | bytes) -> str:
+    """`int8` for a graph with QuantizeLinear/DequantizeLinear nodes, `fp16` for a float16 input,
+    else `fp32`: what a file is, read from the file."""
+    import onnx
+
+    model = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path), load_external_data=False)
+    ops = {node.op_type for node in model.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger"}:
+        return "int8"
+    if model.graph.input and model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+        return "fp16"
+    return "fp32"
+
+
+def get_target(name: str, threads: int | None = None, precision: str = "fp32") -> Target:
+    if name not in TARGETS:
+        raise GlitError(f"unknown target '{name}' (targets: {', '.join(TARGETS)})")
+    check_precision(precision, TARGET_PRECISIONS[name], f"target {name}")
     if name == "torch-cpu":
         return TorchTarget("cpu", threads)
     if name == "torch-cuda":
         return TorchTarget("cuda", threads)
     if name in OrtTarget.PROVIDERS:
-        return OrtTarget(name, threads)
-    if name == "trt":
-        return TensorRTTarget(threads)
-    raise GlitError(f"unknown target '{name}' (targets: {', '.join(TARGETS)})")
+        return OrtTarget(name, threads, precision)
+    return TensorRTTarget(threads, precision)
 
 
 def default_target_name() -> str:

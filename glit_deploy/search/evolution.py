@@ -62,6 +62,10 @@ class SearchConfig:
     # A winner's upper bound must be this much under the budget, so that the deployed file, measured
     # again at export, still fits it (two measurements of one file differ by a percent or two here).
     latency_margin: float = 0.03
+    # Under an int8 target: how many of a budget's most accurate candidates (float32 fitness) are also
+    # scored quantized before the winner is chosen; they are then taken in order of int8 accuracy.
+    # The winner is always quantized and scored, whatever this is.
+    quant_eval: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
@@ -71,6 +75,7 @@ class SearchConfig:
 
 Evaluator = Callable[[list[Arch]], list[float]]
 Measurer = Callable[[Arch], Timing]
+QuantScorer = Callable[[Arch, str], float]  # int8 top-1 of an arch under the named weights
 
 
 class EvolutionarySearch:
@@ -79,7 +84,8 @@ class EvolutionarySearch:
     def __init__(self, run: RunDir, space: SearchSpace, num_classes: int, latency: LatencyModel,
                  budgets: Sequence[Budget], cfg: SearchConfig, evaluate: Evaluator, measure: Measurer,
                  ctx: distributed.DistContext | None = None, weights_tag: Callable[[int], str] | None = None,
-                 before_level2: Callable[[tuple[int, ...]], None] | None = None) -> None:
+                 before_level2: Callable[[tuple[int, ...]], None] | None = None,
+                 quantized: QuantScorer | None = None) -> None:
         self.run, self.space, self.num_classes = run, space, num_classes
         self.latency, self.cfg = latency, cfg
         self.budgets = sorted(set(budgets))
@@ -87,6 +93,7 @@ class EvolutionarySearch:
         self.ctx = ctx or distributed.DistContext(0, 1, 0, torch.device("cpu"))
         self.weights_tag = weights_tag or (lambda level: "supernet")
         self.before_level2 = before_level2
+        self.quantized_fn = quantized  # None: the target deploys float32
         self.dir = run.path / "search"
         self.state_path = self.dir / "state.json"
         self.state: dict[str, Any] = {}
@@ -382,14 +389,17 @@ class EvolutionarySearch:
         """
         measured = self.state.setdefault("measured", {})
         rejected = []
-        for entry in self.candidates(budget, weights)[: self.cfg.winner_candidates]:
+        for entry in self._winner_order(budget, weights):
             arch = Arch.from_dict(entry["arch"])
             if arch.digest not in measured:
                 measured[arch.digest] = self.measure_fn(arch).to_dict()
+                self._save()
             timing = Timing.from_dict(measured[arch.digest])
             verdict = budget.verdict(timing)
             verdict["within_budget"] = verdict["bound_ms"] <= budget.ms * (1 - self.cfg.latency_margin)
             if verdict["within_budget"]:
+                if self.quantized_fn is not None:
+                    entry = {**entry, "int8_top1": self._int8_top1(arch, weights)}
                 return {**entry, "measured_ms": timing.median_ms, "budget_ms": budget.ms, "budget": budget.label,
                         "stat": budget.stat, "latency": {**latency_record(timing, budget), **verdict,
                                                          "margin": self.cfg.latency_margin},
@@ -400,11 +410,33 @@ class EvolutionarySearch:
                 "rejected_over_budget": rejected,
                 "error": f"none of the {len(rejected)} best candidates measured within {budget}"}
 
+    def _winner_order(self, budget: Budget, weights: str) -> list[dict[str, Any]]:
+        """The candidates in the order they are measured: by float32 fitness, except that under
+        `quant_eval` K the K most accurate are scored quantized and lead, by int8 accuracy."""
+        pool = self.candidates(budget, weights)[: self.cfg.winner_candidates]
+        k = min(self.cfg.quant_eval, len(pool)) if self.quantized_fn is not None else 0
+        if k == 0:
+            return pool
+        head = [{**e, "int8_top1": self._int8_top1(Arch.from_dict(e["arch"]), weights)} for e in pool[:k]]
+        head.sort(key=lambda e: (-e["int8_top1"], -e["top1"], e["digest"]))
+        return head + pool[k:]
+
+    def _int8_top1(self, arch: Arch, weights: str) -> float:
+        """The int8 accuracy of an arch under `weights`, scored once and kept in the state."""
+        assert self.quantized_fn is not None
+        scores = self.state.setdefault("quantized", {})
+        key = self._cache_key(arch, weights)
+        if key not in scores:
+            scores[key] = self.quantized_fn(arch, weights)
+            self._save()
+        return scores[key]
+
     # outputs ---------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
         from glit_deploy.search.pareto import pareto_front, plot_pareto
 
         summary = {"space": self.space.name, "target": self.latency.key["target"],
+                   "precision": self.latency.key.get("precision", "fp32"),
                    "batch_size": self.latency.key["batch_size"], "budgets": self.state["results"],
                    "level1": self.state.get("level1", {}), "evaluated": self.state["evaluated"],
                    "cache_hits": self.cache_hits, "seconds": self.state["seconds"],

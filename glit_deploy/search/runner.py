@@ -18,14 +18,17 @@ from glit_deploy.latency.measure import TABLE, Protocol, Timing
 from glit_deploy.latency.table import LatencyModel, measure_arch, profile_latency, table_key
 from glit_deploy.latency.targets import Target
 from glit_deploy.nn import Supernet
+from glit_deploy.nn.supernet import recalibrate_bn
+from glit_deploy.quant import calibration_images, graph_predictions
 from glit_deploy.rundir import RunDir
 from glit_deploy.search.evolution import EvolutionarySearch, SearchConfig
 from glit_deploy.space import Arch
-from glit_deploy.train import TrainConfig, evaluate_subnet, load_supernet, train_stage
+from glit_deploy.train import TrainConfig, calibration_batches, evaluate_subnet, load_supernet, train_stage
 
 
-def latency_table_path(run: RunDir, target: str, batch_size: int) -> Path:
-    return run.path / "latency" / f"{target}-b{batch_size}.json"
+def latency_table_path(run: RunDir, target_label: str, batch_size: int) -> Path:
+    """The run's copy of a latency table; `target_label` carries the precision (`ort-cpu-int8`)."""
+    return run.path / "latency" / f"{target_label}-b{batch_size}.json"
 
 
 def run_latency_model(run: RunDir, target: Target, batch_size: int, protocol: Protocol | None = None,
@@ -37,7 +40,7 @@ def run_latency_model(run: RunDir, target: Target, batch_size: int, protocol: Pr
     num_classes = meta["data"]["num_classes"]
     model = profile_latency(space, num_classes, target, batch_size, protocol, calibration_models, holdout_models,
                             use_cache=use_cache)
-    model.save(latency_table_path(run, target.name, batch_size))
+    model.save(latency_table_path(run, target.label, batch_size))
     return model
 
 
@@ -47,7 +50,7 @@ def resume_latency_model(run: RunDir, target: Target, batch_size: int, protocol:
     Refuses, with what changed, when the target, its threads, the runtime versions, the batch size or
     the protocol are not what the table was measured with.
     """
-    path = latency_table_path(run, target.name, batch_size)
+    path = latency_table_path(run, target.label, batch_size)
     if not path.exists():
         raise RunError(f"the search in {run.path} cannot be resumed: its latency table {path} is missing")
     model = LatencyModel.load(path)
@@ -106,7 +109,8 @@ def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, ba
         else:
             latency = run_latency_model(run, target, batch_size, protocol, calibration_models, holdout_models)
         run.record_command("search", {"budgets": [b.label if isinstance(b, Budget) else b for b in budgets],
-                                      "target": target.name, "batch_size": batch_size, "resume": resume,
+                                      "target": target.name, "precision": target.precision,
+                                      "batch_size": batch_size, "resume": resume,
                                       "level2_epochs": level2_epochs, **cfg.__dict__})
         return latency
 
@@ -128,11 +132,19 @@ def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, ba
         return [mine[i] for i in range(len(archs))]
 
     winner_protocol = decision_protocol(resolved)
+    # An int8 winner is timed as export will write it: quantized, calibrated on training images.
+    calibration = calibration_images(bundle.calib) if target.precision == "int8" else None
 
     def measure(arch: Arch) -> Timing:
         # Rank 0 measures (one clock, one process on the target); every rank takes its reading.
         return distributed.decided_on_main(
-            ctx, lambda: measure_arch(arch, space, supernet.num_classes, target, batch_size, winner_protocol))
+            ctx, lambda: measure_arch(arch, space, supernet.num_classes, target, batch_size, winner_protocol,
+                                      calibration))
+
+    def quantized_top1(arch: Arch, tag: str) -> float:
+        # The weights of `tag` are the current ones whenever the winner of that level is chosen.
+        return distributed.decided_on_main(
+            ctx, lambda: int8_subnet_top1(weights["current"], arch, bundle, cfg, calibration, target, ctx.device))
 
     search_state: dict[str, Any] = {}
 
@@ -149,13 +161,29 @@ def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, ba
         weights["current"] = finetune_for_split(run, supernet, bundle, split, level2_epochs, ctx)
 
     engine = EvolutionarySearch(run, space, supernet.num_classes, latency, resolved, cfg, evaluate, measure, ctx,
-                                weights_tag=weights_tag, before_level2=before_level2)
+                                weights_tag=weights_tag, before_level2=before_level2,
+                                quantized=quantized_top1 if target.precision == "int8" else None)
     search_state["engine"] = engine
     if resume and engine.state_path.exists():
         state = json.loads(engine.state_path.read_text())
         if state.get("cursor", {}).get("level") == 2 and state.get("population") is not None and state.get("split"):
             before_level2(tuple(state["split"]))  # level 2 resumes on the fine-tuned weights
     return engine.run_search(resume)
+
+
+def int8_subnet_top1(supernet: Supernet, arch: Arch, bundle: Any, cfg: SearchConfig, calibration: Any,
+                     target: Target, device: Any) -> float:
+    """Validation top-1 of an inherited-weight subnet deployed in int8: BatchNorm recalibrated as the
+    float32 fitness does it, extracted, quantized as the target deploys it, run on onnxruntime."""
+    import torch
+
+    recalibrate_bn(supernet, calibration_batches(bundle, cfg.batch_size, cfg.calib_batches, device),
+                   lambda x: supernet(x, arch))
+    model = supernet.extract(arch).cpu().eval()
+    example = torch.zeros(1, supernet.space.in_chans, supernet.space.image_size, supernet.space.image_size)
+    graph = target.graph(model, example, calibration)
+    predictions, labels = graph_predictions(graph, bundle.val, threads=target.threads)
+    return 100.0 * float((predictions == labels).mean())
 
 
 def finetune_for_split(run: RunDir, supernet: Supernet, bundle: Any, split: tuple[int, ...], epochs: int,

@@ -30,7 +30,15 @@ from torch.utils.data import DataLoader
 
 from glit_deploy import distributed
 from glit_deploy.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
-from glit_deploy.data import DataBundle, load_data, make_loader
+from glit_deploy.data import (
+    DataBundle,
+    canonical_spec,
+    check_same_dataset,
+    load_data,
+    load_recorded_data,
+    make_loader,
+    print_summary,
+)
 from glit_deploy.errors import CheckpointError, RunError
 from glit_deploy.nn import Supernet, extreme_arch, recalibrate_bn
 from glit_deploy.plots import plot_training_curves
@@ -125,28 +133,38 @@ def training_progress() -> Progress:
                     console=console, transient=False)
 
 
-def prepare_run(run: RunDir, space: SearchSpace, data_spec: str, bundle: DataBundle, resume: bool) -> None:
-    """Record the space and dataset in run.json, refusing to mix two experiments in one run."""
+def prepare_run(run: RunDir, space: SearchSpace, data_spec: str, bundle: DataBundle, resume: bool,
+                allow_data_change: bool = False) -> None:
+    """Record the space and dataset in run.json, refusing to mix two experiments in one run, or to go
+    on with a dataset that changed under the same path (unless `allow_data_change`).
+
+    The dataset is recorded absolutely (path, classes, counts per class, fingerprint: DataBundle.describe)
+    so that later stages load it from any working directory and notice a change."""
     if run.exists():
         meta = run.load_meta()
         if "space" in meta and SearchSpace.from_dict(meta["space"]) != space:
             raise RunError(f"{run.path} was created for space '{meta['space']['name']}'; use another --run")
-        if "data" in meta and meta["data"].get("spec") != data_spec:
-            raise RunError(f"{run.path} was created for data '{meta['data'].get('spec')}'; use another --run")
+        recorded = meta.get("data")
+        if recorded is not None:
+            if canonical_spec(recorded.get("spec", "")) != canonical_spec(data_spec):
+                raise RunError(f"{run.path} was created for data '{recorded.get('spec')}'; use another --run")
+            check_same_dataset(recorded, bundle.describe(), allow_data_change)
     if not resume and (run.supernet / "latest.json").exists():
         raise RunError(f"{run.path} already holds a supernet checkpoint; pass --resume to continue it "
                        "or choose a new --run")
-    run.update_meta(space=space.to_dict(), data={"spec": data_spec, **bundle.describe()})
+    run.update_meta(space=space.to_dict(), data={**bundle.describe(), "given": data_spec})
 
 
 def train_supernet(run: RunDir, space: SearchSpace, data_spec: str, cfg: TrainConfig, resume: bool = False,
-                   device: str = "auto", stop_after_epoch: int | None = None) -> dict[str, Any]:
+                   device: str = "auto", stop_after_epoch: int | None = None, skip_bad_images: bool = False,
+                   allow_data_change: bool = False) -> dict[str, Any]:
     """Train the weight-sharing supernet; returns the last epoch's metrics."""
     ctx = distributed.setup(device)
     try:
-        bundle = load_data(data_spec, space.image_size)
+        bundle = load_data(data_spec, space.image_size, skip_bad_images=skip_bad_images, report=False)
         if ctx.is_main:
-            prepare_run(run, space, data_spec, bundle, resume)
+            prepare_run(run, space, data_spec, bundle, resume, allow_data_change)
+            print_summary(bundle)  # after the run accepted it: a refused dataset ends in its one error line
             run.record_command("train-supernet", {"space": space.name, "data": data_spec, "resume": resume,
                                                   "world_size": ctx.world_size, **asdict(cfg)})
         distributed.barrier(ctx)
@@ -293,29 +311,30 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def load_supernet(run: RunDir, device: str | torch.device = "cpu") -> tuple[Supernet, DataBundle]:
-    """The run's latest supernet weights and its dataset (as recorded in run.json)."""
+def load_supernet(run: RunDir, device: str | torch.device = "cpu", allow_data_change: bool = False
+                  ) -> tuple[Supernet, DataBundle]:
+    """The run's latest supernet weights and its dataset (as recorded in run.json, which must not have
+    changed since unless `allow_data_change`)."""
     meta = run.load_meta()
     space = run.space()
-    data_spec = meta.get("data", {}).get("spec")
-    if data_spec is None:
+    if not meta.get("data", {}).get("spec"):
         raise RunError(f"{run.meta_path} records no dataset")
     checkpoint = load_checkpoint(run.supernet, with_state=False)
     if checkpoint is None:
         raise CheckpointError(f"{run.path} has no supernet checkpoint; run `glit train-supernet` first")
-    bundle = load_data(data_spec, space.image_size)
+    bundle = load_recorded_data(meta["data"], space.image_size, allow_change=allow_data_change)
     model = Supernet(space, bundle.num_classes)
     load_model_weights(model, checkpoint.weights, run.supernet)
     return model.to(device).eval(), bundle
 
 
 def eval_subnet(run: RunDir, arch: Arch, calib_batches: int = 8, batch_size: int = 128,
-                device: str = "cpu") -> dict[str, Any]:
+                device: str = "cpu", allow_data_change: bool = False) -> dict[str, Any]:
     """Validation top-1 of one arch with inherited supernet weights (after BN recalibration)."""
     from glit_deploy.nn import arch_cost
 
     dev = torch.device(device)
-    supernet, bundle = load_supernet(run, dev)
+    supernet, bundle = load_supernet(run, dev, allow_data_change)
     top1 = evaluate_subnet(supernet, arch, bundle, batch_size, calib_batches, dev)
     cost = arch_cost(supernet.space, arch, bundle.num_classes)
     return {"arch": arch.to_dict(), "digest": arch.digest, "params": cost.params, "macs": cost.macs,

@@ -35,6 +35,9 @@ def test_cifar10_npz_folder() -> None:
     assert np.all(np.bincount(bundle.val.labels.numpy()) == 500)
     assert bundle.class_names[0] == "airplane" and bundle.num_classes == 10
     assert bundle.train[0][0].shape == (3, 32, 32)
+    recorded = bundle.describe()  # what run.json keeps: absolute, with counts and a fingerprint of the npz files
+    assert recorded["spec"] == f"cifar10:{CIFAR_DIR.resolve()}" and recorded["counts"]["train"]["airplane"] == 5000
+    assert len(recorded["fingerprint"]) == 32
 
 
 def _write_folder(root, classes=("cat", "dog"), per_class=10, size=12) -> None:

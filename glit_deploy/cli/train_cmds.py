@@ -32,6 +32,10 @@ def train_supernet_cmd(
     eval_every: Annotated[int, typer.Option(min=1, help="Evaluate largest/smallest every N epochs.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint.")] = False,
+    skip_bad_images: Annotated[bool, typer.Option(help="Leave out image files that do not decode (counted and "
+                                                  "recorded) instead of refusing the dataset.")] = False,
+    allow_data_change: Annotated[bool, typer.Option(help="With --resume: go on although the dataset changed "
+                                                    "under the same path (same classes).")] = False,
 ) -> None:
     """Train the weight-sharing supernet (one sampled arch per step; DDP under torchrun)."""
     from glit_deploy.rundir import RunDir
@@ -43,7 +47,8 @@ def train_supernet_cmd(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, sandwich=sandwich, seed=seed, workers=workers,
                       eval_every=eval_every)
-    result = train_supernet(RunDir(run), search_space, data, cfg, resume=resume, device=device)
+    result = train_supernet(RunDir(run), search_space, data, cfg, resume=resume, device=device,
+                            skip_bad_images=skip_bad_images, allow_data_change=allow_data_change)
     if result.get("rank", 0) == 0:
         typer.echo(json.dumps({k: v for k, v in result.items() if k != "rank"}))
 
@@ -57,6 +62,8 @@ def eval_subnet_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     threads: Annotated[int, typer.Option(min=0)] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    allow_data_change: Annotated[bool, typer.Option(help="Evaluate although the run's dataset changed under "
+                                                    "the same path (same classes).")] = False,
 ) -> None:
     """Validation top-1 of a subnet with inherited supernet weights, after BN recalibration."""
     from glit_deploy.archs import resolve_arch
@@ -66,7 +73,8 @@ def eval_subnet_cmd(
     set_threads(threads)
     rundir = RunDir(run)
     space = rundir.space()
-    result = eval_subnet(rundir, resolve_arch(arch, space), calib_batches, batch_size)
+    result = eval_subnet(rundir, resolve_arch(arch, space), calib_batches, batch_size,
+                         allow_data_change=allow_data_change)
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -85,6 +93,16 @@ def retrain_cmd(
     arch: Annotated[str | None, typer.Option(help="ARCH.json, largest, smallest, random:SEED or a named arch "
                                              "(default: the search winner of --budget).")] = None,
     budget: Annotated[str | None, typer.Option(help="Retrain the search winner of this budget, e.g. 5ms.")] = None,
+    space: Annotated[str | None, typer.Option(help="Search-space preset of the arch, for a run without a supernet "
+                                              "(e.g. glit-tiny with --arch glit-tiny-paper); checked otherwise.")]
+    = None,
+    data: Annotated[str | None, typer.Option(help="digits | cifar10:DIR | image-folder DIR, for a run without a "
+                                             "supernet; checked against run.json otherwise.")] = None,
+    skip_bad_images: Annotated[bool, typer.Option(help="With --data: leave out image files that do not decode "
+                                                  "(counted and recorded) instead of refusing the dataset.")]
+    = False,
+    allow_data_change: Annotated[bool, typer.Option(help="Go on although the run's dataset changed under the same "
+                                                    "path (same classes).")] = False,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     init: Annotated[str, typer.Option(help="scratch, or supernet (inherited weights, BN recalibrated).")]
     = "scratch",
@@ -105,18 +123,23 @@ def retrain_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of this retraining.")] = False,
 ) -> None:
-    """Retrain a found arch as a standalone model with the DeiT recipe (DDP under torchrun)."""
-    from glit_deploy.retrain import RetrainConfig, resolve_retrain_arch, retrain
+    """Retrain a found arch as a standalone model with the DeiT recipe (DDP under torchrun).
+
+    On a new run directory (no supernet), --space, --data and --arch train any arch from scratch."""
+    from glit_deploy.retrain import RetrainConfig, resolve_retrain_arch, retrain, retrain_space
     from glit_deploy.rundir import RunDir
 
     set_threads(threads)
     rundir = RunDir(run)
-    chosen, label = resolve_retrain_arch(rundir, arch, budget)
+    search_space = retrain_space(rundir, space, data)
+    chosen, label = resolve_retrain_arch(rundir, arch, budget, search_space)
     cfg = RetrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                         warmup_epochs=warmup_epochs, mixup=mixup, cutmix=cutmix, rand_augment=rand_augment,
                         reprob=reprob, label_smoothing=smoothing, drop_path=drop_path, ema=ema, init=init,
                         seed=seed, workers=workers)
-    info = retrain(rundir, chosen, label, cfg, resume=resume, device=device)
+    info = retrain(rundir, chosen, label, cfg, resume=resume, device=device,
+                   space=search_space if space else None, data_spec=data, skip_bad_images=skip_bad_images,
+                   allow_data_change=allow_data_change)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(json.dumps({"label": info.label, "val_top1": info.val_top1, "digest": info.arch.digest,
                                "dir": str(Path(run) / "retrain" / info.label), **{

@@ -84,10 +84,14 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, thresholds: Thr
 
 
 def validation_images(data: str, image_size: int, limit: int = 0) -> torch.Tensor:
-    """The first `limit` (0: all) validation images of a dataset, normalised, as one float32 batch."""
+    """The first `limit` (0: all) validation images of a dataset, normalised, as one float32 batch.
+
+    Image files go through the dataset's evaluation path, i.e. glit_deploy.images (the decoding and
+    preprocessing of `glit predict` and `glit serve`). Undecodable files are left out: parity needs real
+    images, not every image."""
     from glit_deploy.data import load_data
 
-    val = load_data(data, image_size).val
+    val = load_data(data, image_size, skip_bad_images=True, report=False).val
     count = len(val) if limit <= 0 else min(limit, len(val))
     if count == 0:
         raise GlitError(f"dataset '{data}' has no validation images to check parity on")

@@ -10,8 +10,8 @@ import numpy as np
 
 from glit_deploy.errors import GlitError
 from glit_deploy.export.metadata import ModelMetadata, session_metadata
+from glit_deploy.images import DEFAULT_MAX_PIXELS, Normaliser, model_input, open_image
 from glit_deploy.runtimes import PROVIDERS, RuntimeUnavailable, import_onnxruntime, ort_session
-from glit_deploy.serve.images import DEFAULT_MAX_PIXELS, Normaliser, load_rgb, open_image, preprocess
 
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
 
@@ -97,8 +97,9 @@ class Predictor:
         return self.opened_to_input(open_image(data, max_pixels))
 
     def opened_to_input(self, image: Any) -> np.ndarray:
-        """An image from `open_image` (header checked, not decoded yet) -> the model input."""
-        return preprocess(load_rgb(image, draft_size=self.image_size), self.image_size, self.normaliser)
+        """An image from `open_image` (header checked, not decoded yet) -> the model input, through the
+        same decoding and preprocessing as evaluation during training (`glit_deploy.images.model_input`)."""
+        return model_input(image, self.image_size, self.normaliser)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, H, W] -> float32 [N, classes]."""

@@ -3,6 +3,10 @@
 Stages: supernet -> latency -> search -> retrain -> export (ONNX + parity) -> bench. run.json's
 `pipeline` entry records the options and the finished stages; a stage killed half-way continues
 from its own checkpoint (supernet and retraining epochs, search generations, the latency cache).
+
+The retrain stage ends with a choice: the retrained winner or the winner with its inherited supernet
+weights (BN recalibrated as the search scored it), whichever scores higher on the validation split,
+becomes the model that is exported; run.json's `pipeline.model_choice` records both scores.
 """
 
 from __future__ import annotations
@@ -79,7 +83,9 @@ def run_pipeline(run: RunDir, cfg: PipelineConfig, on_stage: Callable[[str, str]
         if on_stage:
             on_stage(stage, "running")
         started = time.perf_counter()
-        STAGE_FUNCTIONS[stage](run, cfg)
+        outcome = STAGE_FUNCTIONS[stage](run, cfg)
+        if outcome is not None:
+            state[STAGE_RECORDS[stage]] = outcome
         done.append(stage)
         state.setdefault("seconds", {})[stage] = time.perf_counter() - started
         run.update_meta(pipeline=state)
@@ -134,14 +140,19 @@ def _latency(run: RunDir, cfg: PipelineConfig) -> None:
                       f"{model.report.models} held-out models (measurement noise {model.report.noise:.1f} %)")
 
 
+def _search_config(cfg: PipelineConfig) -> Any:
+    from glit_deploy.search import SearchConfig
+
+    return SearchConfig(population=cfg.population, generations=cfg.generations, parents=cfg.parents,
+                        mutations=cfg.children, crossovers=cfg.children, seed=cfg.seed)
+
+
 def _search(run: RunDir, cfg: PipelineConfig) -> None:
-    from glit_deploy.search import Budget, SearchConfig
+    from glit_deploy.search import Budget
     from glit_deploy.search.runner import search
 
     budget: Budget | str = cfg.latency_budget if cfg.latency_budget == "auto" else Budget.parse(cfg.latency_budget)
-    search_cfg = SearchConfig(population=cfg.population, generations=cfg.generations, parents=cfg.parents,
-                              mutations=cfg.children, crossovers=cfg.children, seed=cfg.seed)
-    summary = search(run, [budget], _target(cfg), cfg.batch_size, search_cfg, resume=True,
+    summary = search(run, [budget], _target(cfg), cfg.batch_size, _search_config(cfg), resume=True,
                      calibration_models=cfg.calibration_models, holdout_models=cfg.holdout_models, device=cfg.device)
     (label, result), = summary["budgets"].items()
     if not result.get("digest"):
@@ -157,8 +168,10 @@ def _winner_label(run: RunDir) -> str:
     return labels[0]
 
 
-def _retrain(run: RunDir, cfg: PipelineConfig) -> None:
-    from glit_deploy.retrain import RetrainConfig, resolve_retrain_arch, retrain
+def _retrain(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
+    """Retrain the winner, then keep the better of it and the winner with inherited weights (the choice)."""
+    from glit_deploy.retrain import RetrainConfig, resolve_retrain_arch, retrain, save_inherited_model
+    from glit_deploy.trained import keep_best_model
 
     arch, label = resolve_retrain_arch(run, None, _winner_label(run))
     # At 8x8 px RandAugment, erasing and Mixup/CutMix destroy more than they regularise, and the
@@ -169,7 +182,23 @@ def _retrain(run: RunDir, cfg: PipelineConfig) -> None:
     retrain_cfg = RetrainConfig(epochs=cfg.retrain_epochs, batch_size=cfg.retrain_batch_size,
                                 warmup_epochs=min(2, cfg.retrain_epochs - 1), init=cfg.retrain_init, seed=cfg.seed,
                                 **recipe)
-    retrain(run, arch, label, retrain_cfg, resume=True, device=cfg.device)
+    retrained = retrain(run, arch, label, retrain_cfg, resume=True, device=cfg.device)
+    search_cfg = _search_config(cfg)
+    device = _eval_device(cfg)
+    inherited = save_inherited_model(run, arch, f"inherited-{label}", search_cfg.batch_size, search_cfg.calib_batches,
+                                     search_budget=label, device=device)
+    choice = keep_best_model(run, {"retrained": retrained.label, "inherited": inherited.label}, device=device)
+    scores = {name: c["val_top1"] for name, c in choice["candidates"].items()}
+    console.print(f"validation top-1 on {choice['val_images']} images: retrained {scores['retrained']:.2f} %, "
+                  f"inherited supernet weights {scores['inherited']:.2f} %; exporting the {choice['kept']} model "
+                  f"'{choice['label']}'")
+    return choice
+
+
+def _eval_device(cfg: PipelineConfig) -> str:
+    import torch
+
+    return "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def _export(run: RunDir, cfg: PipelineConfig) -> None:
@@ -184,10 +213,12 @@ def _bench(run: RunDir, cfg: PipelineConfig) -> None:
     bench_formats(run, cfg.bench_batch_sizes, threads=cfg.threads or None)
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[RunDir, PipelineConfig], None]] = {
+STAGE_FUNCTIONS: dict[str, Callable[[RunDir, PipelineConfig], dict[str, Any] | None]] = {
     "supernet": _supernet, "latency": _latency, "search": _search, "retrain": _retrain, "export": _export,
     "bench": _bench,
 }
+# Where run.json's pipeline entry keeps what a stage returns.
+STAGE_RECORDS = {"retrain": "model_choice"}
 
 
 def pipeline_summary(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
@@ -201,15 +232,21 @@ def pipeline_summary(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
     label = _winner_label(run)
     winner = search["budgets"][label]
     info = load_trained_info(run, label)
+    choice = run.load_meta().get("pipeline", {}).get("model_choice", {})
+    scores = {name: c["val_top1"] for name, c in choice.get("candidates", {}).items()}
     export_dir = run.path / "export"
     model_json = export_dir / "model.json"
     export_info = json.loads(model_json.read_text()) if model_json.exists() else {}
     files = [p for p in (run.path / "search" / "pareto.png", run.path / "retrain" / label / "curves.png",
+                         run.path / "retrain" / choice.get("label", label) / "model.safetensors",
                          export_dir / "model.onnx", model_json, export_dir / "bench.csv") if p.exists()]
     return {"target": search["target"], "batch_size": search["batch_size"], "budget": label,
             "budget_ms": winner["budget_ms"], "measured_ms": winner["measured_ms"],
-            "predicted_ms": winner["predicted_ms"], "supernet_val_top1": winner["top1"],
-            "retrained_val_top1": info.val_top1, "arch_digest": info.arch.digest, "params": winner.get("params"),
+            "predicted_ms": winner["predicted_ms"], "search_val_top1": winner["top1"],
+            "retrained_val_top1": scores.get("retrained", info.val_top1), "inherited_val_top1": scores.get("inherited"),
+            "kept": choice.get("kept", "retrained"), "deployed_model": choice.get("label", label),
+            "deployed_val_top1": choice.get("val_top1", info.val_top1), "val_images": choice.get("val_images"),
+            "arch_digest": info.arch.digest, "params": winner.get("params"),
             "macs": winner.get("macs"), "parity": export_info.get("parity"),
             "deployed_latency": export_info.get("latency"), "files": [str(p) for p in files],
             "serve_command": f"glit serve --model {export_dir / 'model.onnx'}"}

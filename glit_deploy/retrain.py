@@ -2,7 +2,8 @@
 
 The recipe (DESIGN.md): AdamW, cosine schedule with warm-up, label smoothing, RandAugment, Mixup and
 CutMix, random erasing, drop path, gradient clipping and an EMA of the weights; every piece is
-timm's. The model starts from scratch or from the supernet's inherited weights (BN recalibrated).
+timm's. The model starts from scratch or from the supernet's inherited weights (BN recalibrated). A run
+without a supernet works too: `--space` and `--data` give what run.json would otherwise record.
 
 Same guarantees as supernet training: per-epoch atomic checkpoints (the EMA weights travel in the
 same safetensors file under `ema.`), `--resume` continues exactly, torchrun/DDP shards the data.
@@ -33,15 +34,38 @@ from torch import nn
 
 from glit_deploy import distributed
 from glit_deploy.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
-from glit_deploy.data import deit_train_transform, load_data, make_loader, set_train_transform
+from glit_deploy.data import (
+    DataBundle,
+    canonical_spec,
+    deit_train_transform,
+    load_data,
+    load_recorded_data,
+    make_loader,
+    set_train_transform,
+)
 from glit_deploy.errors import CheckpointError, RunError
 from glit_deploy.latency.budget import Budget
-from glit_deploy.nn import GLiT, recalibrate_bn
+from glit_deploy.nn import GLiT, Supernet, recalibrate_bn
 from glit_deploy.plots import plot_training_curves
 from glit_deploy.rundir import RunDir
-from glit_deploy.space import Arch
-from glit_deploy.train import append_jsonl, autocast, calibration_batches, evaluate, load_supernet, training_progress
-from glit_deploy.trained import INFO_FILE, TrainedModelInfo, load_trained_info, retrain_dir, save_trained_model
+from glit_deploy.space import NAMED_ARCHS, PRESETS, Arch, SearchSpace, get_space
+from glit_deploy.train import (
+    append_jsonl,
+    autocast,
+    calibration_batches,
+    evaluate,
+    load_supernet,
+    prepare_run,
+    training_progress,
+)
+from glit_deploy.trained import (
+    INFO_FILE,
+    TrainedModelInfo,
+    float32_top1,
+    load_trained_info,
+    retrain_dir,
+    save_trained_model,
+)
 
 console = Console(stderr=True)
 EMA_PREFIX = "ema."
@@ -89,11 +113,41 @@ class RetrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def resolve_retrain_arch(run: RunDir, arch_spec: str | None, budget: str | None) -> tuple[Arch, str]:
-    """The arch to retrain and its label: an arch spec, a search budget, or the only search winner."""
+def retrain_space(run: RunDir, space_name: str | None, data_spec: str | None) -> SearchSpace:
+    """The space to retrain in: the one run.json records or, on a run without one, `space_name`.
+
+    A run without a recorded space or dataset needs both `--space` and `--data`; a given space or dataset
+    that is not the recorded one is refused (whether the recorded dataset changed is `retrain`'s check).
+    """
+    meta = run.load_meta() if run.exists() else {}
+    missing = [option for option, key, given in (("--space", "space", space_name), ("--data", "data", data_spec))
+               if key not in meta and not given]
+    if missing:
+        raise RunError(f"{run.path} has no supernet or recorded {' and '.join(m[2:] for m in missing)}: give "
+                       f"{' and '.join(missing)} to retrain from scratch (e.g. --space digits --data digits)")
+    recorded_data = meta.get("data", {}).get("spec")
+    if data_spec and recorded_data and canonical_spec(data_spec) != canonical_spec(recorded_data):
+        raise RunError(f"{run.path} was created for data '{recorded_data}', not '{data_spec}': leave out --data, "
+                       "or use another --run")
+    if not space_name:
+        return run.space()
+    if space_name in NAMED_ARCHS and space_name not in PRESETS:
+        raise RunError(f"'{space_name}' is an arch, not a space: use --space {NAMED_ARCHS[space_name][0]} "
+                       f"--arch {space_name}")
+    space = get_space(space_name)
+    if "space" in meta and SearchSpace.from_dict(meta["space"]) != space:
+        raise RunError(f"{run.path} was created for space '{meta['space'].get('name')}', not '{space_name}': "
+                       "leave out --space, or use another --run")
+    return space
+
+
+def resolve_retrain_arch(run: RunDir, arch_spec: str | None, budget: str | None,
+                         space: SearchSpace | None = None) -> tuple[Arch, str]:
+    """The arch to retrain and its label: an arch spec, a search budget, or the only search winner.
+    `space`: the space to resolve in (default: the run's)."""
     from glit_deploy.archs import resolve_arch
 
-    space = run.space()
+    space = space or run.space()
     if arch_spec and budget:
         raise RunError("give either --arch or --budget, not both")
     if arch_spec:
@@ -116,18 +170,40 @@ def resolve_retrain_arch(run: RunDir, arch_spec: str | None, budget: str | None)
 
 
 def retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bool = False, device: str = "auto",
-            stop_after_epoch: int | None = None) -> TrainedModelInfo:
-    """Train `arch` as a standalone model into runs/NAME/retrain/LABEL; returns its info."""
+            stop_after_epoch: int | None = None, space: SearchSpace | None = None, data_spec: str | None = None,
+            skip_bad_images: bool = False, allow_data_change: bool = False) -> TrainedModelInfo:
+    """Train `arch` as a standalone model into runs/NAME/retrain/LABEL; returns its info.
+
+    `space` and `data_spec` (from `retrain_space` and `--data`) are recorded in run.json when it has none,
+    and must match what it records otherwise; left out, the run's own are used. `skip_bad_images` applies
+    to a dataset given here; `allow_data_change` goes on with a recorded dataset that changed since.
+    """
     ctx = distributed.setup(device)
     try:
-        return _retrain(run, arch, label, cfg, resume, ctx, stop_after_epoch)
+        return _retrain(run, arch, label, cfg, resume, ctx, stop_after_epoch, space, data_spec, skip_bad_images,
+                        allow_data_change)
     finally:
         distributed.teardown(ctx)
 
 
 def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bool, ctx: distributed.DistContext,
-             stop_after_epoch: int | None) -> TrainedModelInfo:
+             stop_after_epoch: int | None, space: SearchSpace | None, data_spec: str | None, skip_bad_images: bool,
+             allow_data_change: bool) -> TrainedModelInfo:
     stage = retrain_dir(run, label)
+    if cfg.init == "supernet" and load_checkpoint(run.supernet, with_state=False) is None:
+        raise RunError(f"--init supernet needs a trained supernet, and {run.path} has none: use --init scratch, "
+                       "or train one there with `glit train-supernet`")
+    bundle: DataBundle | None = None
+    if data_spec is not None:
+        space = space or run.space()
+        bundle = load_data(data_spec, space.image_size, skip_bad_images=skip_bad_images, report=ctx.is_main)
+        if ctx.is_main:
+            # Records the space and data on a fresh run; on a recorded one, refuses any that differ or changed.
+            # resume=True: a supernet already in the run is no reason to refuse a retraining.
+            prepare_run(run, space, data_spec, bundle, resume=True, allow_data_change=allow_data_change)
+        distributed.barrier(ctx)
+    elif space is not None and space != run.space():
+        raise RunError(f"{run.path} was created for space '{run.space().name}', not '{space.name}'")
     space = run.space()
     meta = run.load_meta()
     data_spec = meta.get("data", {}).get("spec")
@@ -145,7 +221,7 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
     if checkpoint is not None:
         _same_retraining(stage, checkpoint.state.get("arch"), checkpoint.state.get("config"), arch, cfg)
 
-    bundle = load_data(data_spec, space.image_size)
+    bundle = bundle or load_recorded_data(meta["data"], space.image_size, allow_data_change, report=ctx.is_main)
     set_train_transform(bundle, deit_train_transform(bundle, _auto_augment(cfg), cfg.reprob))
     if ctx.is_main:
         stage.mkdir(parents=True, exist_ok=True)
@@ -299,9 +375,37 @@ def _auto_augment(cfg: RetrainConfig) -> str | None:
 def _inherited_weights(run: RunDir, arch: Arch, cfg: RetrainConfig, bundle: Any) -> dict[str, torch.Tensor]:
     """The supernet's weights for `arch`, BatchNorm recalibrated on training images."""
     supernet, _ = load_supernet(run)
-    standalone = supernet.extract(arch)
-    recalibrate_bn(standalone, calibration_batches(bundle, cfg.batch_size, cfg.calib_batches, torch.device("cpu")))
-    return standalone.state_dict()
+    return inherited_model(supernet, arch, bundle, cfg.batch_size, cfg.calib_batches).state_dict()
+
+
+def inherited_model(supernet: Supernet, arch: Arch, bundle: DataBundle, batch_size: int, calib_batches: int
+                    ) -> GLiT:
+    """`arch` as a standalone GLiT with the supernet's weights, BatchNorm recalibrated exactly as the search and
+    `glit eval-subnet` score it (`train.evaluate_subnet`: the same calibration batches through the supernet)."""
+    device = next(supernet.parameters()).device
+    recalibrate_bn(supernet, calibration_batches(bundle, batch_size, calib_batches, device),
+                   lambda x: supernet(x, arch))
+    return supernet.extract(arch).eval()
+
+
+def save_inherited_model(run: RunDir, arch: Arch, label: str, batch_size: int, calib_batches: int,
+                         search_budget: str | None = None, device: str = "cpu") -> TrainedModelInfo:
+    """Save `arch` with inherited, BN-recalibrated supernet weights as the trained model `label` (a candidate for
+    deployment like any retrained model; not made the run's default). Its val_top1 is that of the saved weights
+    on the validation split, in float32. `search_budget`: the budget label the search chose it under."""
+    supernet, bundle = load_supernet(run, device)
+    model = inherited_model(supernet, arch, bundle, batch_size, calib_batches)
+    top1 = float32_top1(model, make_loader(bundle.val, batch_size, shuffle=False), device)
+    data_spec = run.load_meta()["data"]["spec"]
+    extra: dict[str, Any] = {"weights": "inherited", "init": "supernet", "epochs": 0, "calib_batches": calib_batches,
+                             "calib_batch_size": batch_size, "val_images": len(bundle.val)}
+    if search_budget:
+        extra["search_budget"] = search_budget
+    info = TrainedModelInfo(label=label, arch=arch, space=supernet.space, class_names=bundle.class_names,
+                            mean=bundle.mean, std=bundle.std, image_size=bundle.image_size, data=data_spec,
+                            val_top1=top1, extra=extra)
+    save_trained_model(run, model.cpu(), info, make_default=False)
+    return info
 
 
 def load_metrics(stage: Path) -> list[dict[str, Any]]:

@@ -5,7 +5,9 @@ Layout:
     runs/NAME/retrain/LABEL/model.json          arch, space, data description, validation top-1
     runs/NAME/retrain/LABEL/ckpt/, metrics.jsonl, curves.png   training state and curves
     run.json "deploy_model": LABEL              the model `glit export` takes by default
-LABEL is the budget label of a search winner (e.g. `5ms`) or `arch-<digest[:8]>`.
+LABEL is the budget label of a search winner (e.g. `5ms`), `arch-<digest[:8]>`, or `inherited-<budget>` for a
+search winner with its inherited supernet weights (BN recalibrated, not retrained; `glit pipeline` saves it
+to compare with the retrained model).
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ class TrainedModelInfo:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def search_budget(self) -> str:
+        """The label the search chose this arch under: the model's own (a winner retrained under its budget's
+        label), or the winner's for a model of that arch saved under another label (its inherited weights)."""
+        return self.extra.get("search_budget", self.label)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -105,3 +113,44 @@ def load_trained_model(run: RunDir, label: str | None = None) -> tuple[torch.nn.
     model = GLiT(info.arch, info.space, info.num_classes)
     load_model_weights(model, load_weights(weights_path), weights_path)
     return model.eval(), info
+
+
+def float32_top1(model: torch.nn.Module, loader: Any, device: str | torch.device = "cpu") -> float:
+    """Top-1 (percent) of `model` over `loader` in float32, without autocast even on a GPU: the accuracy of the
+    weights as they are saved and exported."""
+    from glit_deploy.train import evaluate
+
+    device = torch.device(device)
+    model = model.to(device).eval()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, enabled=False):
+            return model(x)
+
+    return evaluate(forward, loader, device)
+
+
+def keep_best_model(run: RunDir, candidates: dict[str, str], batch_size: int = 256, device: str = "cpu"
+                    ) -> dict[str, Any]:
+    """Score each candidate (a name -> its label) by the validation top-1 of its saved weights, and make the best
+    the run's deploy model; a tie keeps the earlier candidate. Every candidate is scored the same way: the run's
+    validation split with the evaluation transform, in float32 (`float32_top1`)."""
+    from glit_deploy.data import load_recorded_data, make_loader
+
+    if not candidates:
+        raise RunError("no candidate models to choose from")
+    record = run.load_meta().get("data")
+    if record is None:
+        raise RunError(f"{run.meta_path} records no dataset")
+    bundle = load_recorded_data(record, run.space().image_size)
+    loader = make_loader(bundle.val, batch_size, shuffle=False)
+    scores: dict[str, dict[str, Any]] = {}
+    for name, label in candidates.items():
+        model, info = load_trained_model(run, label)
+        if info.class_names != bundle.class_names:
+            raise RunError(f"model '{label}' was trained on other classes than {run.path}'s dataset")
+        scores[name] = {"label": label, "val_top1": float32_top1(model, loader, device)}
+    kept = max(scores, key=lambda name: scores[name]["val_top1"])  # max keeps the first of equals
+    run.update_meta(deploy_model=scores[kept]["label"])
+    return {"kept": kept, "label": scores[kept]["label"], "val_top1": scores[kept]["val_top1"],
+            "val_images": len(bundle.val), "candidates": scores}

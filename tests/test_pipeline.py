@@ -7,7 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
+import torch
 
 from tests.conftest import FAST_LATENCY, REPO, glit
 
@@ -47,6 +51,17 @@ def test_pipeline_killed_then_rerun_completes_without_redoing_stages(tmp_path: P
     assert deployed["measured"] and deployed["within_budget"] and deployed["bound_ms"] <= result["budget_ms"]
     assert deployed["target"] == result["target"] and deployed["batch_size"] == result["batch_size"]
     assert result["retrained_val_top1"] >= 80.0, result
+    # The better of the retrained winner and the winner with its inherited weights is the one exported.
+    scores = {"retrained": result["retrained_val_top1"], "inherited": result["inherited_val_top1"]}
+    assert result["kept"] == max(scores, key=lambda k: scores[k])
+    assert result["deployed_val_top1"] == max(scores.values())
+    assert result["deployed_model"] == (result["budget"] if result["kept"] == "retrained"
+                                        else f"inherited-{result['budget']}")
+    assert result["val_images"] == 179  # 10 % of each digit class, the same images for both
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["deploy_model"] == result["deployed_model"] == meta["pipeline"]["model_choice"]["label"]
+    sidecar = json.loads((run / "export" / "model.json").read_text())
+    assert sidecar["source"]["label"] == result["deployed_model"]
     assert result["parity"]["passed"], result["parity"]
     onnx_path = run / "export" / "model.onnx"
     assert str(onnx_path) in result["files"] and result["serve_command"].endswith(str(onnx_path))
@@ -57,6 +72,7 @@ def test_pipeline_killed_then_rerun_completes_without_redoing_stages(tmp_path: P
     # A third run has nothing left to do.
     again = json.loads(glit(*args, "--json").stdout.strip().splitlines()[-1])
     assert again["stages_run"] == [] and again["retrained_val_top1"] == result["retrained_val_top1"]
+    assert again["kept"] == result["kept"] and again["inherited_val_top1"] == result["inherited_val_top1"]
     # Other options on the same run are refused, not mixed in.
     refused = glit("pipeline", "--run", str(run), "--retrain-epochs", "4", check=False)
     assert refused.returncode == 2 and "other options" in refused.stderr
@@ -102,3 +118,44 @@ def _serve_real_digit(model: Path, tmp_path: Path) -> None:
         assert sum(c == str(label) for c, label in zip(classes, labels[:8], strict=True)) >= 5, classes
     finally:
         assert server.stop() == 0
+
+
+def test_inherited_model_reproduces_its_score_and_the_better_model_is_deployed(deployable_copy: Path) -> None:
+    """The pipeline's choice, controlled: saved models of known accuracy -> the better one is deployed."""
+    from glit_deploy.data import load_data
+    from glit_deploy.nn import extreme_arch
+    from glit_deploy.retrain import save_inherited_model
+    from glit_deploy.rundir import RunDir
+    from glit_deploy.train import eval_subnet
+    from glit_deploy.trained import keep_best_model, load_trained_model, save_trained_model
+
+    run = RunDir(deployable_copy)
+    arch = extreme_arch(run.space(), False)
+    inherited = save_inherited_model(run, arch, "inherited-1ms", batch_size=256, calib_batches=8, search_budget="1ms")
+    # The saved weights score exactly what the search's scoring (eval-subnet: BN recalibrated through the
+    # supernet on the same batches) reports for this arch, and the run's default model is left alone.
+    assert inherited.val_top1 == eval_subnet(run, arch, calib_batches=8, batch_size=256)["val_top1"]
+    assert inherited.search_budget == "1ms" and run.load_meta()["deploy_model"] == "largest"
+
+    # A model whose head always answers class 3 scores exactly the share of 3s among the validation images.
+    model, largest = load_trained_model(run, "largest")
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(3), 10).float())
+    save_trained_model(run, model, replace(largest, label="always-3", val_top1=None), make_default=False)
+    labels = load_data("digits", 8).val.labels
+    share_of_threes = 100.0 * float((labels == 3).float().mean())
+
+    choice = keep_best_model(run, {"always-3": "always-3", "largest": "largest", "inherited": "inherited-1ms"})
+    scores = {name: c["val_top1"] for name, c in choice["candidates"].items()}
+    assert scores["always-3"] == pytest.approx(share_of_threes)
+    assert scores["largest"] == pytest.approx(largest.val_top1) and scores["inherited"] == inherited.val_top1
+    best = max(scores, key=lambda k: scores[k])
+    assert best != "always-3" and choice["kept"] == best and choice["val_images"] == len(labels)
+    assert run.load_meta()["deploy_model"] == choice["label"] == choice["candidates"][best]["label"]
+    # Equal scores keep the earlier candidate; the worse model is never kept, whatever the order.
+    assert keep_best_model(run, {"a": "always-3", "b": "always-3"})["kept"] == "a"
+    worse_first = keep_best_model(run, {"always-3": "always-3", "largest": "largest"})
+    assert worse_first["kept"] == "largest" and run.load_meta()["deploy_model"] == "largest"
+
+    # `glit export` takes the run's deploy model (tests/test_export.py); the pipeline test checks the file.

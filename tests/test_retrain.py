@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -86,3 +87,74 @@ def test_retrain_errors(run_copy: Path) -> None:
     odd = glit(*_retrain_args(run_copy, "--arch", "largest", "--batch-size", "31"), check=False)
     assert odd.returncode == 2 and "even batch size" in odd.stderr
     assert "Traceback" not in no_winner.stderr + both.stderr + odd.stderr
+
+
+# A recipe that learns digits in two epochs from scratch (the DeiT augmentations need many more).
+SCRATCH_RECIPE = ("--epochs", "2", "--warmup-epochs", "0", "--lr", "2e-3", "--mixup", "0", "--cutmix", "0",
+                  "--rand-augment", "none", "--reprob", "0", "--no-ema", "--drop-path", "0")
+
+
+def _cli(*args: str, code: int = 0) -> Any:
+    """`glit ARGS` in this process (typer's CliRunner): no interpreter start-up per command."""
+    from typer.testing import CliRunner
+
+    from glit_deploy.cli import app
+
+    threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(app, list(args))
+    finally:
+        torch.set_num_threads(threads)  # --threads must not leak into the other tests
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_retrain_without_supernet_then_export_and_predict(tmp_path: Path) -> None:
+    """A fresh run: --space and --data instead of a supernet; the model exports and predicts like any other."""
+    import numpy as np
+    from PIL import Image
+
+    run = tmp_path / "fresh"
+    assert "give --space and --data" in _cli(*_retrain_args(run, "--arch", "largest"), code=2).stderr
+    assert "give --data" in _cli(*_retrain_args(run, "--space", "digits", "--arch", "largest"), code=2).stderr
+    assert "--space glit-tiny --arch glit-tiny-paper" in _cli(
+        *_retrain_args(run, "--space", "glit-tiny-paper", "--data", "digits"), code=2).stderr
+    no_supernet = _cli(*_retrain_args(run, "--space", "digits", "--data", "digits", "--arch", "largest",
+                                      "--init", "supernet"), code=2)
+    assert "--init supernet needs a trained supernet" in no_supernet.stderr
+    assert not run.exists(), "a refused command wrote to the run"
+
+    trained = _cli(*_retrain_args(run, "--space", "digits", "--data", "digits", "--arch", "largest", *SCRATCH_RECIPE))
+    result = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert result["val_top1"] >= 60.0, result  # from scratch, far above chance (10 %)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["space"]["name"] == "digits" and meta["data"]["spec"] == "digits"
+    assert meta["deploy_model"] == result["label"] and not (run / "supernet").exists()
+    # Now the run records its space and data: other ones are refused, the same ones accepted.
+    other_space = _cli(*_retrain_args(run, "--space", "cifar", "--arch", "largest"), code=2)
+    assert "created for space 'digits', not 'cifar'" in other_space.stderr
+    other_data = _cli(*_retrain_args(run, "--data", str(tmp_path), "--arch", "largest"), code=2)
+    assert "created for data 'digits'" in other_data.stderr
+    same = _cli(*_retrain_args(run, "--space", "digits", "--data", "digits", "--arch", "largest", *SCRATCH_RECIPE,
+                               "--resume"))
+    assert "nothing to do" in same.stderr
+
+    _cli("export", "--run", str(run), "--format", "onnx")
+    sidecar = json.loads((run / "export" / "model.json").read_text())
+    assert sidecar["parity"]["passed"] and sidecar["source"]["label"] == result["label"]
+
+    model, _ = load_trained_model(RunDir(run))
+    bundle = load_data("digits", 8)
+    images = bundle.val.images.permute(0, 2, 3, 1).numpy()[:20]
+    paths = []
+    for i, image in enumerate(images):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(np.ascontiguousarray(image)).save(path)
+        paths.append(str(path))
+    predictions = json.loads(_cli("predict", "--run", str(run), "--json", *paths).stdout)["predictions"]
+    with torch.no_grad():
+        expected = model(torch.stack([bundle.val[i][0] for i in range(20)])).argmax(-1).tolist()
+    assert [p["top_k"][0]["class"] for p in predictions] == [str(c) for c in expected]
+    labels = bundle.val.labels.numpy()[:20]
+    assert sum(c == label for c, label in zip(expected, labels, strict=True)) >= 12  # it learnt the digits

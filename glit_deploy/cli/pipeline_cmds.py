@@ -64,8 +64,14 @@ def pipeline_cmd(
         table.add_row("latency (deployed file)", latency_text(s["deployed_latency"]))
     table.add_row("latency (search)", f"{s['measured_ms']:.4f} ms measured for the winner "
                   f"({s['predicted_ms']:.4f} predicted)")
-    table.add_row("validation top-1", f"{s['retrained_val_top1']:.2f} % retrained "
-                  f"({s['supernet_val_top1']:.2f} % with supernet weights)")
+    if s.get("inherited_val_top1") is None:  # a run whose retrain stage finished before the choice existed
+        table.add_row("validation top-1", f"{s['retrained_val_top1']:.2f} % retrained "
+                      f"({s['search_val_top1']:.2f} % with supernet weights in the search)")
+    else:
+        table.add_row("validation top-1", f"{s['retrained_val_top1']:.2f} % retrained, {s['inherited_val_top1']:.2f} "
+                      f"% with inherited supernet weights (same {s['val_images']} images)")
+    table.add_row("exported model", f"{s['deployed_model']}: the {s['kept']} model, "
+                  f"{s['deployed_val_top1']:.2f} % validation top-1")
     if s.get("parity"):
         p = s["parity"]
         table.add_row("ONNX parity", f"max |diff| {p.get('max_abs_diff', float('nan')):.2e}, top-1 agreement "

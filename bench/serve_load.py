@@ -13,6 +13,14 @@ bench/out/search-cifar/search/, else space.with_split([1]*6)) is exported with r
 metadata: its speed does not depend on the weights.
 
     python bench/serve_load.py [--model M.onnx | --arch A.json] [--threads 1] [--seconds 8]
+
+With --memory it runs the memory case instead (issue 11): --uploads concurrent connections each
+upload an --upload-bytes PNG as a raw image/png body at full speed (or at --upload-rate bytes/s),
+retrying after a refusal (waiting about the Retry-After), while a few clients keep sending normal
+one-image requests and a prober times /healthz. It reports the answers each kind got, /healthz's
+worst latency, and the server's peak RSS (VmHWM) against the bound the server's settings imply.
+
+    python bench/serve_load.py --memory [--uploads 1000] [--upload-bytes 8000000] [--seconds 30]
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import asyncio
 import datetime
 import io
 import json
+import multiprocessing
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -225,6 +235,232 @@ def batch_stats(port: int) -> tuple[float, float]:
     return values.get("glit_batch_size_count", 0.0), values.get("glit_batch_size_sum", 0.0)
 
 
+# ---------------------------------------------------------------- memory case
+
+
+def noise_png(size_bytes: int) -> bytes:
+    """A real PNG of random pixels (incompressible) of about `size_bytes`, so the server decodes every upload."""
+    from PIL import Image
+
+    side = int((size_bytes / 3) ** 0.5)
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def vm_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of `pid` in bytes, from /proc (Linux)."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """(status, whether the server keeps the connection) of one response, its body read."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:] if line)}
+    await reader.readexactly(int(headers.get(b"content-length", b"0")))
+    return int(lines[0].split()[1]), headers.get(b"connection", b"").lower() != b"close"
+
+
+async def _uploader(port: int, body: bytes, rate: float | None, stop_at: float, outcomes: dict[str, int]) -> None:
+    """Upload `body` again and again on fresh connections until one is answered 200 or time is up."""
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    view, chunk = memoryview(body), 256 * 1024 if rate is None else max(1, int(rate / 10))
+    await asyncio.sleep(random.uniform(0, 0.5))  # the connections open over half a second, not in one instant
+    while time.perf_counter() < stop_at:
+        outcome = "reset before an answer"
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            outcome = "connect failed"
+        else:
+            answer = asyncio.ensure_future(_read_answer(reader))
+            try:
+                writer.write(head)
+                for offset in range(0, len(body), chunk):
+                    if answer.done():  # refused while sending: stop pushing the body
+                        break
+                    writer.write(view[offset:offset + chunk])
+                    await writer.drain()
+                    if rate is not None:
+                        await asyncio.sleep(chunk / rate)
+                outcome = str((await asyncio.wait_for(answer, timeout=120))[0])
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+                await asyncio.wait([answer], timeout=2)  # a refusal may be read just after the send failed
+                if answer.done() and not answer.cancelled() and answer.exception() is None:
+                    outcome = str(answer.result()[0])
+            finally:
+                answer.cancel()
+                writer.close()
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if outcome == "200":
+            return
+        await asyncio.sleep(random.uniform(0.5, 1.5))  # about the Retry-After (1 s), spread out
+
+
+def _upload_process(port: int, body: bytes, uploads: int, rate: float | None, seconds: float, results: Any) -> None:
+    """The uploaders, in a process of their own, so that their event loop (1,000 connections pushing
+    megabytes) does not delay the normal clients' and the prober's, whose latencies are measured."""
+    outcomes: dict[str, int] = {}
+
+    async def main() -> None:
+        stop_at = time.perf_counter() + seconds
+        await asyncio.gather(*(_uploader(port, body, rate, stop_at, outcomes) for _ in range(uploads)))
+
+    asyncio.run(main())
+    results.put(outcomes)
+
+
+async def _normal_client(port: int, requests: list[bytes], offset: int, stop_at: float, statuses: dict[str, int],
+                         latencies: list[float]) -> None:
+    """One small request at a time, each on a fresh connection (so any failure is the server's, not a
+    kept-alive connection the server closed while idle)."""
+    n = offset
+    while time.perf_counter() < stop_at:
+        started = time.perf_counter()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(requests[n % len(requests)])
+            n += 1
+            outcome = str((await asyncio.wait_for(_read_answer(reader), timeout=60))[0])
+            writer.close()
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            outcome = f"connection error ({type(exc).__name__})"
+        latencies.append(time.perf_counter() - started)
+        statuses[outcome] = statuses.get(outcome, 0) + 1
+        if outcome != "200":
+            await asyncio.sleep(0.05)
+
+
+async def _healthz_prober(port: int, stop_at: float, latencies: list[float], failures: list[str]) -> None:
+    """GET /healthz every 50 ms on a fresh connection (what a liveness probe does)."""
+    while time.perf_counter() < stop_at:
+        started = time.perf_counter()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            status, _ = await asyncio.wait_for(_read_answer(reader), timeout=30)
+            writer.close()
+            if status != 200:
+                failures.append(str(status))
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            failures.append(type(exc).__name__)
+        latencies.append(time.perf_counter() - started)
+        await asyncio.sleep(0.05)
+
+
+def run_memory_case(args: argparse.Namespace, model: Path, source: str, pngs: list[bytes]) -> dict[str, Any]:
+    from glit_deploy.runtimes import cpu_name
+
+    upload = noise_png(args.upload_bytes)
+    server_args = [*args.server_arg]
+
+    def flag(option: str, default: int) -> int:
+        return int(server_args[server_args.index(option) + 1]) if option in server_args else default
+
+    max_body, in_flight = flag("--max-body-bytes", 8 * 2**20), flag("--max-bytes-in-flight", 256 * 2**20)
+    if len(upload) > max_body:
+        raise SystemExit(f"the upload ({len(upload):,} bytes) is over --max-body-bytes {max_body:,}")
+    port = free_port()
+    load_at_start = os.getloadavg()[0]
+    proc = start_server(model, port, args.threads, server_args, OUT / "serve_memory_server.log")
+    requests = [predict_request(png) for png in pngs]
+    rss_samples: list[int] = []
+    fd_samples: list[int] = []
+    uploads: dict[str, int] = {}
+    normal: dict[str, int] = {}
+    normal_latencies: list[float] = []
+    health_latencies: list[float] = []
+    health_failures: list[str] = []
+    try:
+        # one request of each kind first, so that the baseline includes what serving itself allocates
+        asyncio.run(_normal_client(port, requests, 0, time.perf_counter() + 0.5, {}, []))
+        baseline = vm_status(proc.pid)
+
+        async def sample_rss(stop_at: float) -> None:
+            while time.perf_counter() < stop_at:
+                rss_samples.append(vm_status(proc.pid)["VmRSS"])
+                fd_samples.append(len(os.listdir(f"/proc/{proc.pid}/fd")))  # mostly the open connections
+                await asyncio.sleep(0.05)
+
+        async def main() -> None:
+            stop_at = time.perf_counter() + args.seconds
+            await asyncio.gather(
+                *(_normal_client(port, requests, 97 * i, stop_at, normal, normal_latencies)
+                  for i in range(args.normal_clients)),
+                _healthz_prober(port, stop_at, health_latencies, health_failures), sample_rss(stop_at))
+
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        uploader = context.Process(target=_upload_process, args=(port, upload, args.uploads, args.upload_rate,
+                                                                 args.seconds, results))
+        cpu_before, started = thread_cpu_seconds(proc.pid), time.perf_counter()
+        uploader.start()
+        asyncio.run(main())
+        uploads = results.get(timeout=300)  # the uploads in progress when time is up finish first
+        uploader.join()
+        elapsed = time.perf_counter() - started
+        cpu_after, peak = thread_cpu_seconds(proc.pid), vm_status(proc.pid)
+    finally:
+        proc.terminate()
+        exit_code = proc.wait(timeout=120)
+    # The bound, from the settings alone: what the server held before the flood; three times the body budget
+    # (a body's chunks as received, their join into one buffer, and its decoded pixels, about as many bytes as
+    # the body for these incompressible PNGs); and per connection the bench can have open at once, the
+    # 0.5 MiB uvicorn may buffer before the app reads or refuses a body (its 64 KiB high-water mark plus one
+    # 256 KiB socket read, copied once into h11's buffer).
+    connections = args.uploads + args.normal_clients + 1
+    bound = baseline["VmRSS"] + 3 * in_flight + connections * 2**19
+    ordered = sorted(normal_latencies)
+    return {
+        "date": datetime.date.today().isoformat(), "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "model": str(model), "model_source": source, "server_args": server_args, "server_exit_code": exit_code,
+        "uploads": args.uploads, "upload_bytes": len(upload), "upload_rate": args.upload_rate,
+        "seconds": args.seconds, "elapsed_s": elapsed, "normal_clients": args.normal_clients,
+        "max_body_bytes": max_body, "max_bytes_in_flight": in_flight,
+        "upload_outcomes": uploads, "normal_outcomes": normal,
+        "normal_p50_ms": 1e3 * statistics.median(ordered) if ordered else None,
+        "normal_p99_ms": 1e3 * ordered[int(0.99 * (len(ordered) - 1))] if ordered else None,
+        "healthz_probes": len(health_latencies), "healthz_failures": health_failures,
+        "healthz_max_ms": 1e3 * max(health_latencies) if health_latencies else None,
+        "rss_baseline": baseline["VmRSS"], "rss_peak_sampled": max(rss_samples, default=0),
+        "vm_hwm": peak["VmHWM"], "rss_bound": bound, "within_bound": peak["VmHWM"] <= bound,
+        "open_fds_peak": max(fd_samples, default=0),
+        "load_average": [load_at_start, os.getloadavg()[0]],
+        # the event loop is the main thread; decoding and inference run on the others
+        "server_cpu_s": {"event_loop": cpu_after.get(proc.pid, 0.0) - cpu_before.get(proc.pid, 0.0),
+                         "other_threads": sum(v - cpu_before.get(t, 0.0) for t, v in cpu_after.items()
+                                              if t != proc.pid)},
+    }
+
+
+def print_memory_case(result: dict[str, Any]) -> None:
+    mib = 2**20
+    rate = "full speed" if result["upload_rate"] is None else f"{result['upload_rate'] / 1e6:g} MB/s each"
+    console.print(f"{result['uploads']} connections uploading {result['upload_bytes']:,}-byte PNGs ({rate}) "
+                  f"for {result['elapsed_s']:.0f} s, {result['normal_clients']} normal clients; load average "
+                  f"{result['load_average'][0]:.1f} -> {result['load_average'][1]:.1f}")
+    console.print(f"  upload answers: {dict(sorted(result['upload_outcomes'].items()))}")
+    console.print(f"  normal answers: {dict(sorted(result['normal_outcomes'].items()))}, p50 "
+                  f"{result['normal_p50_ms']:.1f} ms, p99 {result['normal_p99_ms']:.1f} ms")
+    console.print(f"  /healthz: {result['healthz_probes']} probes, {len(result['healthz_failures'])} failed, "
+                  f"worst {result['healthz_max_ms']:.0f} ms")
+    cpu = result["server_cpu_s"]
+    console.print(f"  server CPU: event loop {cpu['event_loop']:.1f} s, other threads {cpu['other_threads']:.1f} s "
+                  f"in {result['elapsed_s']:.0f} s")
+    console.print(f"  server file descriptors (mostly connections): at most {result['open_fds_peak']} sampled")
+    console.print(f"  server RSS: {result['rss_baseline'] / mib:.0f} MiB before, peak (VmHWM) "
+                  f"{result['vm_hwm'] / mib:.0f} MiB, bound {result['rss_bound'] / mib:.0f} MiB: "
+                  f"{'within' if result['within_bound'] else 'OVER'}; server exit code {result['server_exit_code']}")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -316,6 +552,11 @@ def main() -> None:
     parser.add_argument("--server-arg", action="append", default=[], help="Extra `glit serve` option (repeat)")
     parser.add_argument("--reading", default="", help="Sentences appended to the section's reading (not shown in "
                         "its command line)")
+    parser.add_argument("--memory", action="store_true", help="Run the memory case instead (see above)")
+    parser.add_argument("--uploads", type=int, default=1000, help="Memory case: concurrent uploading connections")
+    parser.add_argument("--upload-bytes", type=int, default=8_000_000, help="Memory case: size of each upload")
+    parser.add_argument("--upload-rate", type=float, help="Memory case: bytes/s per upload (default: full speed)")
+    parser.add_argument("--normal-clients", type=int, default=4, help="Memory case: clients of small requests")
     parser.add_argument("--json-out", type=Path, default=OUT / "serve_load.json")
     parser.add_argument("--section-out", type=Path, default=OUT / "section-serve-load.md")
     args = parser.parse_args()
@@ -331,6 +572,15 @@ def main() -> None:
         model = OUT / "serve_load_model.onnx"
         source, untrained = export_random_cifar_model(args.arch, class_names, model), True
         console.print(f"exported {model} (untrained weights: speed does not depend on them)\n  arch {source}")
+
+    if args.memory:
+        result = run_memory_case(args, model, source, pngs)
+        print_memory_case(result)
+        path = args.json_out.with_name("serve_memory.json") if args.json_out == OUT / "serve_load.json" \
+            else args.json_out
+        path.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {path}")
+        return
 
     load_at_start = os.getloadavg()[0]
     raw_first = raw_throughput(model, args.threads, pngs, args.batch_sizes, args.seconds / 2)

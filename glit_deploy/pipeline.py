@@ -31,6 +31,8 @@ class PipelineConfig:
     data: str = "digits"
     space: str = ""  # default: digits for the built-in data, cifar for cifar10:DIR, glit-tiny otherwise
     target: str = ""  # default: ort-cuda with a GPU, else ort-cpu
+    precision: str = "fp32"  # the target's precision: the table, the budget, the export (int8: behind its gate)
+    quant_eval: int = 0  # int8: candidates also scored quantized before the winner is chosen
     latency_budget: str = "auto"
     batch_size: int = 1  # the batch size latency is measured and budgeted at
     threads: int = 0  # runtime threads for latency (0: the target's default)
@@ -71,6 +73,9 @@ def run_pipeline(run: RunDir, cfg: PipelineConfig, on_stage: Callable[[str, str]
                  ) -> PipelineResult:
     """Run (or continue) every stage; `on_stage(stage, status)` reports progress to the caller."""
     cfg = cfg.resolved()
+    _target(cfg)  # an unknown target, or a precision it does not deploy, fails before any training
+    if cfg.quant_eval and cfg.precision != "int8":
+        raise RunError("--quant-eval scores candidates quantized: it needs --precision int8")
     state = _load_state(run, cfg)
     done: list[str] = state["done"]
     ran, skipped = [], []
@@ -102,8 +107,10 @@ def _load_state(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
         if state is None and (run.supernet / "latest.json").exists():
             raise RunError(f"{run.path} holds a run that `glit pipeline` did not start; use another --run")
         if state is not None:
-            if state["options"] != options:
-                changed = sorted(k for k in options if state["options"].get(k) != options[k])
+            # options added since a run started count as their defaults (what that run used)
+            recorded = {**asdict(PipelineConfig()), **state["options"]}
+            if recorded != options:
+                changed = sorted(k for k in options if recorded.get(k) != options[k])
                 raise RunError(f"{run.path} was started by `glit pipeline` with other options "
                                f"({', '.join(changed)}); rerun with the same options or use another --run")
             return state
@@ -127,7 +134,7 @@ def _supernet(run: RunDir, cfg: PipelineConfig) -> None:
 def _target(cfg: PipelineConfig) -> Any:
     from glit_deploy.latency.targets import get_target
 
-    return get_target(cfg.target, cfg.threads or None)
+    return get_target(cfg.target, cfg.threads or None, cfg.precision)
 
 
 def _latency(run: RunDir, cfg: PipelineConfig) -> None:
@@ -136,7 +143,7 @@ def _latency(run: RunDir, cfg: PipelineConfig) -> None:
     model = run_latency_model(run, _target(cfg), cfg.batch_size, calibration_models=cfg.calibration_models,
                               holdout_models=cfg.holdout_models)
     if model.report is not None:
-        console.print(f"latency model on {cfg.target}: {model.report.mape:.1f} % mean error on "
+        console.print(f"latency model on {_target(cfg).label}: {model.report.mape:.1f} % mean error on "
                       f"{model.report.models} held-out models (measurement noise {model.report.noise:.1f} %)")
 
 
@@ -144,7 +151,7 @@ def _search_config(cfg: PipelineConfig) -> Any:
     from glit_deploy.search import SearchConfig
 
     return SearchConfig(population=cfg.population, generations=cfg.generations, parents=cfg.parents,
-                        mutations=cfg.children, crossovers=cfg.children, seed=cfg.seed)
+                        mutations=cfg.children, crossovers=cfg.children, seed=cfg.seed, quant_eval=cfg.quant_eval)
 
 
 def _search(run: RunDir, cfg: PipelineConfig) -> None:
@@ -240,7 +247,8 @@ def pipeline_summary(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
     files = [p for p in (run.path / "search" / "pareto.png", run.path / "retrain" / label / "curves.png",
                          run.path / "retrain" / choice.get("label", label) / "model.safetensors",
                          export_dir / "model.onnx", model_json, export_dir / "bench.csv") if p.exists()]
-    return {"target": search["target"], "batch_size": search["batch_size"], "budget": label,
+    return {"target": search["target"], "precision": search.get("precision", "fp32"),
+            "batch_size": search["batch_size"], "budget": label, "int8_gate": export_info.get("gate"),
             "budget_ms": winner["budget_ms"], "measured_ms": winner["measured_ms"],
             "predicted_ms": winner["predicted_ms"], "search_val_top1": winner["top1"],
             "retrained_val_top1": scores.get("retrained", info.val_top1), "inherited_val_top1": scores.get("inherited"),

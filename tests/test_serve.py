@@ -34,6 +34,9 @@ PIXEL_LIMIT = 1_000_000
 @pytest.fixture(scope="session")
 def digits_onnx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained digits model exported to ONNX with its metadata (what `glit export` writes)."""
+    exported = os.environ.get("GLIT_TEST_SERVE_ONNX")  # .ci/run's floors check: the one its first session exported
+    if exported:
+        return Path(exported)
     path = tmp_path_factory.getbasetemp() / "serve-models" / "digits.onnx"
     if path.exists():  # this fixture is imported by test_predict too: export once per session
         return path
@@ -424,3 +427,129 @@ def test_readyz_503_before_warm_up_and_while_draining(digits_onnx: Path) -> None
     assert get("/readyz") == (200, {"status": "ready"})
     state.start_draining()
     assert get("/readyz")[0] == 503 and get("/healthz")[0] == 200
+
+
+
+# ---------------------------------------------------------------- bounded memory (issue 11, item 6)
+
+
+async def _call_app(app: Any, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], Any, int]:
+    """One POST straight into the ASGI app: (status, headers, JSON answer, times the app read the body)."""
+    messages: list[dict] = []
+    reads = 0
+
+    async def receive() -> dict:
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    raw_headers.append((b"content-length", str(len(body)).encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "headers": raw_headers, "scheme": "http",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1234), "root_path": ""}
+    await app(scope, receive, send)
+    start = messages[0]
+    answer = json.loads(b"".join(m.get("body", b"") for m in messages[1:]))
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, answer, reads
+
+
+def test_full_queue_refuses_before_reading_or_decoding(digits_onnx: Path, digit_images: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, with a queue of 4 images: room is checked before the body is read (none left) and
+    before any image is decoded (too little left for the request's images)."""
+    import asyncio
+
+    from glit_deploy.serve import Predictor
+    from glit_deploy.serve import app as app_module
+
+    decoded: list[str] = []
+    to_input = app_module._to_input
+
+    async def counting_to_input(predictor: Any, blob: bytes, name: str, max_pixels: int) -> np.ndarray:
+        decoded.append(name)
+        return await to_input(predictor, blob, name, max_pixels)
+
+    monkeypatch.setattr(app_module, "_to_input", counting_to_input)
+    app, state = app_module.create_app(Predictor.load(digits_onnx, "cpu", 1),
+                                       app_module.ServeSettings(max_queue=4, max_wait_ms=1))
+    state.ready = True
+    pngs = digit_images[0]
+
+    def form(count: int) -> tuple[bytes, dict[str, str]]:
+        body, content_type = multipart([(f"{i}.png", pngs[i]) for i in range(count)])
+        return body, {"Content-Type": content_type}
+
+    async def scenario() -> None:
+        state.batcher.start()
+        try:
+            with state.batcher.reserve(2):  # another request holds half the queue
+                status, headers, answer, reads = await _call_app(app, "/predict", *form(3))
+                assert (status, headers["retry-after"]) == (429, "1") and "queue full" in answer["error"]
+                assert reads > 0 and decoded == []  # read (to count the images), never decoded
+                status, _, answer, _ = await _call_app(app, "/predict", *form(2))
+                assert status == 200 and len(answer["predictions"]) == 2 and len(decoded) == 2
+            decoded.clear()
+            with state.batcher.reserve(4):  # the queue is full: the body is not even read
+                status, headers, answer, reads = await _call_app(app, "/predict", *form(1))
+                assert (status, reads, decoded) == (429, 0, [])
+                assert headers["connection"] == "close" and "queue full" in answer["error"]
+            assert state.batcher.has_room(4)  # every reservation was given back
+        finally:
+            await state.batcher.close()
+
+    asyncio.run(scenario())
+    assert state.metrics.registry.get_sample_value("glit_refused_total", {"reason": "queue_full"}) == 2
+
+
+def _hold_upload(port: int, declared: int, sent: int, extra_headers: bytes = b"") -> socket.socket:
+    """A client that declares a body of `declared` bytes and sends only `sent` of them (a slow upload)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n" + extra_headers
+                 + f"Content-Length: {declared}\r\n\r\n".encode() + b"\0" * sent)
+    return sock
+
+
+def test_bytes_in_flight_bound_refuses_uploads_while_healthz_answers(digits_onnx: Path, digit_images: Any,
+                                                                      tmp_path: Path) -> None:
+    # two slow 100 kB uploads fill a 200 kB budget; everything else on /predict is refused until they end
+    srv = Server(digits_onnx, tmp_path / "server.log", "--max-body-bytes", "100000", "--max-bytes-in-flight",
+                 "200000")
+    slow = []
+    try:
+        slow = [_hold_upload(srv.port, 100_000, 1000) for _ in range(2)]
+        deadline = time.monotonic() + 20
+        while sample(srv.metrics(), "glit_body_bytes_in_flight") < 200_000:
+            assert time.monotonic() < deadline, "the slow uploads were never admitted"
+            time.sleep(0.05)
+
+        good = digit_images[0][0]
+        status, headers, body = srv.predict([("good.png", good)])
+        assert status == 429 and "in flight" in body["error"], body
+        assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "1"
+        started = time.monotonic()
+        assert srv.request("GET", "/healthz")[0] == 200
+        assert time.monotonic() - started < 5  # answered at once, not after the uploads (generous: a busy machine)
+        # a client that waits for 100 Continue is refused before it sends its body
+        with _hold_upload(srv.port, 50_000, 0, b"Expect: 100-continue\r\n") as waiting:
+            response = _read_response(waiting, 10)
+        assert response.startswith(b"HTTP/1.1 429"), response[:200]
+        assert b"100 Continue" not in response
+
+        for sock in slow:  # the uploads give up: their bytes are given back
+            sock.close()
+        deadline = time.monotonic() + 20
+        while sample(srv.metrics(), "glit_body_bytes_in_flight") > 0:
+            assert time.monotonic() < deadline, "the budget was not given back after the clients left"
+            time.sleep(0.05)
+        assert srv.predict([("good.png", good)])[0] == 200
+        metrics = srv.metrics()
+        assert sample(metrics, "glit_refused", "_total", reason="bytes_in_flight") == 2
+        assert not [s for s in metrics["glit_requests"].samples if s.labels.get("status", "").startswith("5")]
+    finally:
+        for sock in slow:
+            sock.close()
+        assert srv.stop() == 0, srv.log.read_text()

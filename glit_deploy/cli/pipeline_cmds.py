@@ -23,6 +23,10 @@ def pipeline_cmd(
     target: Annotated[str, typer.Option(help="Latency target (default: ort-cuda with a GPU, else ort-cpu).")] = "",
     latency_budget: Annotated[str, typer.Option(help="auto (middle of the range the space spans on the "
                                                 "target) or a latency such as 5ms.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, or int8 (ort-cpu: searched under int8 latency, exported "
+                                           "int8 behind the accuracy gate).")] = "fp32",
+    quant_eval: Annotated[int, typer.Option(min=0, help="int8: also score the K most accurate candidates "
+                                            "quantized.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size latency is measured at.")] = 1,
     threads: Annotated[int, typer.Option(min=0, help="Runtime threads for latency (0: target default).")] = 0,
     supernet_epochs: Annotated[int, typer.Option(min=1)] = 20,
@@ -44,7 +48,8 @@ def pipeline_cmd(
     from glit_deploy.pipeline import PipelineConfig, run_pipeline
     from glit_deploy.rundir import RunDir
 
-    cfg = PipelineConfig(data=data, space=space, target=target, latency_budget=latency_budget,
+    cfg = PipelineConfig(data=data, space=space, target=target, precision=precision, quant_eval=quant_eval,
+                         latency_budget=latency_budget,
                          batch_size=batch_size, threads=threads, supernet_epochs=supernet_epochs,
                          population=population, generations=generations, retrain_epochs=retrain_epochs,
                          retrain_init=retrain_init, calibration_models=calibration_models,
@@ -59,7 +64,8 @@ def pipeline_cmd(
         typer.echo(json.dumps({**s, "stages_run": result.stages_run, "stages_skipped": result.stages_skipped}))
         return
     table = Table(title=f"glit pipeline: {run}", show_header=False)
-    table.add_row("target", f"{s['target']} at batch {s['batch_size']}")
+    precision = f" {s['precision']}" if s.get("precision", "fp32") != "fp32" else ""
+    table.add_row("target", f"{s['target']}{precision} at batch {s['batch_size']}")
     if s.get("deployed_latency"):
         table.add_row("latency (deployed file)", latency_text(s["deployed_latency"]))
     table.add_row("latency (search)", f"{s['measured_ms']:.4f} ms measured for the winner "
@@ -76,6 +82,10 @@ def pipeline_cmd(
         p = s["parity"]
         table.add_row("ONNX parity", f"max |diff| {p.get('max_abs_diff', float('nan')):.2e}, top-1 agreement "
                       f"{100 * p.get('top1_agreement', float('nan')):.1f} %")
+    if s.get("int8_gate"):
+        g = s["int8_gate"]
+        table.add_row("int8 gate", f"top-1 {g['fp32_top1']:.2f} % float32 -> {g['int8_top1']:.2f} % int8, agreement "
+                      f"{100 * g['agreement']:.2f} % on {g['images']} validation images")
     table.add_row("stages", f"ran {', '.join(result.stages_run) or 'none'}; "
                   f"done earlier {', '.join(result.stages_skipped) or 'none'}")
     table.add_row("files", "\n".join(s["files"]))

@@ -117,6 +117,10 @@ def serve_cmd(
     max_queue: Annotated[int, typer.Option(min=1, help="Images allowed to wait for inference; beyond it "
                                            "requests get 429.")] = 256,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body (413 beyond).")] = 8 * 2**20,
+    max_bytes_in_flight: Annotated[int, typer.Option(min=1, help="Request-body bytes /predict may hold at once "
+                                                     "while receiving and decoding (each body counted at its "
+                                                     "Content-Length, or --max-body-bytes without one); a request "
+                                                     "beyond it gets 429 before its body is read.")] = 256 * 2**20,
     max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width x height) decoded.")]
     = 4096 * 4096,
     max_images_per_request: Annotated[int, typer.Option(min=1, help="Most images in one /predict request.")] = 64,
@@ -133,6 +137,9 @@ def serve_cmd(
 
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise GlitError(f"--log-level {log_level}: use critical, error, warning, info or debug")
+    if max_bytes_in_flight < max_body_bytes:
+        raise GlitError(f"--max-bytes-in-flight {max_bytes_in_flight} is below --max-body-bytes {max_body_bytes}: "
+                        "a body of the largest allowed size could never be received")
     if max_images_per_request > max_queue:
         raise GlitError(f"--max-images-per-request {max_images_per_request} exceeds --max-queue {max_queue}: "
                         "such a request could never be queued")
@@ -140,7 +147,8 @@ def serve_cmd(
     if predictor.note:
         err.print(f"[yellow]warning:[/] {escape(predictor.note)}", soft_wrap=True)
     settings = ServeSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                             max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels,
+                             max_body_bytes=max_body_bytes, max_bytes_in_flight=max_bytes_in_flight,
+                             max_image_pixels=max_image_pixels,
                              max_images_per_request=max_images_per_request)
     asgi_app, state = create_app(predictor, settings)
     meta = predictor.meta

@@ -6,6 +6,12 @@ parsing through python-multipart and no code generation or extra processes to ru
 
 Endpoints: GET /healthz, GET /readyz, GET /metadata, POST /predict, GET /metrics. Client errors
 answer 4xx with {"error": "..."}; the server keeps serving after any of them.
+
+Memory stays bounded under any number of uploads: a body over the size limit is refused before it
+is read (413), the bodies /predict holds at once are bounded in bytes, a request that would find the
+queue full is refused before its images are decoded (both 429 with Retry-After), and the decoded
+images waiting for inference are bounded by the queue. The byte bound is kept in the app rather than
+by uvicorn's `limit_concurrency`, which counts every connection and would turn /healthz away too.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from glit_deploy.serve.batcher import Draining, MicroBatcher, QueueFull
+from glit_deploy.serve.batcher import Draining, MicroBatcher, QueueFull, Reservation
 from glit_deploy.serve.images import DEFAULT_MAX_PIXELS, ImageRejected, open_image
 from glit_deploy.serve.predictor import Predictor
 
@@ -48,6 +54,8 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     max_queue: int = 256  # images waiting for inference; more answers 429
     max_body_bytes: int = 8 * 1024 * 1024
+    # request bodies /predict holds at once (received, parsed or decoding); more answers 429
+    max_bytes_in_flight: int = 256 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_images_per_request: int = 64
     default_top_k: int = 5
@@ -83,6 +91,11 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.queue_depth_gauge = Gauge("glit_queue_depth", "Images waiting for inference.", registry=self.registry)
         self.images = Counter("glit_images", "Images classified.", registry=self.registry)
+        self.refused = Counter("glit_refused", "Requests refused with 429 before their images were decoded, by "
+                               "reason.", ["reason"], registry=self.registry)
+        self.body_bytes_in_flight = Gauge("glit_body_bytes_in_flight", "Request body bytes held by /predict "
+                                          "requests being received, parsed or decoded (as charged).",
+                                          registry=self.registry)
 
     def queue_depth(self, images: int) -> None:
         self.queue_depth_gauge.set(images)
@@ -198,6 +211,31 @@ class RequestMetrics:
             self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
 
 
+class BodyBudget:
+    """The request-body bytes that /predict requests may hold at once, while they are received, parsed and decoded.
+
+    A request is charged its declared Content-Length (the body limit when it declares none) before its
+    body is read, and refused when the charge does not fit. Counting bytes rather than requests lets a
+    small request through beside large uploads that fill most of the budget.
+    """
+
+    def __init__(self, capacity: int, gauge: Gauge) -> None:
+        self.capacity = capacity
+        self.in_flight = 0
+        self.gauge = gauge
+
+    def take(self, size: int) -> bool:
+        if self.in_flight + size > self.capacity:
+            return False
+        self.in_flight += size
+        self.gauge.set(self.in_flight)
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.in_flight -= size
+        self.gauge.set(self.in_flight)
+
+
 class ServerState:
     def __init__(self, predictor: Predictor, settings: ServeSettings) -> None:
         self.predictor = predictor
@@ -205,6 +243,7 @@ class ServerState:
         self.metrics = Metrics()
         self.batcher = MicroBatcher(predictor.logits, settings.max_batch_size, settings.max_wait_ms / 1e3,
                                     settings.max_queue, observer=self.metrics)
+        self.body_budget = BodyBudget(settings.max_bytes_in_flight, self.metrics.body_bytes_in_flight)
         self.ready = False
         self.draining = False
         self.warmup_error: str | None = None
@@ -288,7 +327,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> t
             "classes": list(meta.class_names), "providers": predictor.providers, "versions": versions,
             "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
                          "max_queue": settings.max_queue},
-            "limits": {"max_body_bytes": settings.max_body_bytes, "max_image_pixels": settings.max_image_pixels,
+            "limits": {"max_body_bytes": settings.max_body_bytes, "max_bytes_in_flight": settings.max_bytes_in_flight,
+                       "max_image_pixels": settings.max_image_pixels,
                        "max_images_per_request": settings.max_images_per_request},
         })
 
@@ -296,19 +336,35 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> t
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    retry_later = {"Retry-After": str(settings.retry_after_s)}
+    # a refusal before the body is read closes the connection: the unread rest is not worth receiving
+    unread_refusal = {**retry_later, "Connection": "close"}
+    queue_full = f"queue full ({settings.max_queue} images waiting)"
+
     @api.post("/predict")
     async def predict(request: Request) -> Response:
         # while draining, requests that still reach us (in flight when SIGTERM came) are served
         if not state.ready:
-            return error_response(503, "warming up", {"Retry-After": str(settings.retry_after_s)})
-        names, blobs, top_k = await _read_images(request, settings)
-        inputs = [await _to_input(predictor, blob, name, settings.max_image_pixels)
-                  for name, blob in zip(names, blobs, strict=True)]
+            return error_response(503, "warming up", retry_later)
+        if not state.batcher.has_room(1):
+            state.metrics.refused.labels("queue_full").inc()
+            return error_response(429, queue_full, unread_refusal)
+        charge = _declared_length(request, settings.max_body_bytes)
+        if not state.body_budget.take(charge):
+            state.metrics.refused.labels("bytes_in_flight").inc()
+            return error_response(429, f"busy: {settings.max_bytes_in_flight:,} bytes of request bodies in flight",
+                                  unread_refusal)
         try:
-            logits = await state.batcher.submit(inputs)
+            names, inputs, top_k, room = await _read_and_decode(request, predictor, state)
         except QueueFull:
-            return error_response(429, f"queue full ({settings.max_queue} images waiting)",
-                                  {"Retry-After": str(settings.retry_after_s)})
+            state.metrics.refused.labels("queue_full").inc()
+            return error_response(429, queue_full, retry_later)
+        except Draining:
+            return error_response(503, "draining: shutting down")
+        finally:
+            state.body_budget.give_back(charge)  # the encoded images are gone; the queue bounds the decoded ones
+        try:
+            logits = await room.submit(inputs)
         except Draining:
             return error_response(503, "draining: shutting down")
         predictions = predictor.top_k(logits, top_k)
@@ -316,6 +372,27 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> t
                                              for name, p in zip(names, predictions, strict=True)]})
 
     return RequestMetrics(BodySizeLimit(api, settings.max_body_bytes), state.metrics), state
+
+
+def _declared_length(request: Request, max_body_bytes: int) -> int:
+    """The body size a request declares (BodySizeLimit has checked it), or the most it may send without one."""
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None else max_body_bytes
+
+
+async def _read_and_decode(request: Request, predictor: Predictor, state: ServerState
+                           ) -> tuple[list[str], list[np.ndarray], int, Reservation]:
+    """Read the request's images, hold their room in the queue (QueueFull before any is decoded), decode them."""
+    settings = state.settings
+    names, blobs, top_k = await _read_images(request, settings)
+    room = state.batcher.reserve(len(blobs))
+    try:
+        inputs = [await _to_input(predictor, blob, name, settings.max_image_pixels)
+                  for name, blob in zip(names, blobs, strict=True)]
+    except BaseException:
+        room.release()
+        raise
+    return names, inputs, top_k, room
 
 
 async def _to_input(predictor: Predictor, blob: bytes, name: str, max_pixels: int) -> np.ndarray:
@@ -341,13 +418,24 @@ def _parse_top_k(value: Any, default: int) -> int:
     return top_k
 
 
+async def _body(request: Request) -> bytes:
+    """The request body, owned by the caller alone: unlike `request.body()` the request keeps no copy, so the
+    bytes are freed once decoded rather than while the images wait for inference (the body budget counts on it)."""
+    return b"".join([chunk async for chunk in request.stream()])
+
+
 async def _read_images(request: Request, settings: ServeSettings) -> tuple[list[str], list[bytes], int]:
     """(names, encoded images, top_k) from a multipart form, a JSON body of base64 images, or a raw image."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     query_top_k = request.query_params.get("top_k")
     limit = settings.max_images_per_request
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=limit, max_fields=8, max_part_size=1024)
+        try:
+            form = await request.form(max_files=limit, max_fields=8, max_part_size=1024)
+        except ValueError as exc:  # python-multipart's parse errors: the floor's Starlette lets them out as a 500
+            if isinstance(exc, OSError):  # its FileError: the server's disk, not the client's body
+                raise
+            raise ClientError(400, "malformed multipart body") from None
         try:
             files = [(value.filename or key, await value.read()) for key, value in form.multi_items()
                      if isinstance(value, UploadFile)]
@@ -361,9 +449,9 @@ async def _read_images(request: Request, settings: ServeSettings) -> tuple[list[
     elif content_type == "application/json":
         names, blobs, top_k = await _read_json_images(request, limit, query_top_k)
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
-        names, blobs, top_k = ["image"], [await request.body()], query_top_k
+        names, blobs, top_k = ["image"], [await _body(request)], query_top_k
     elif not content_type:
-        if not await request.body():
+        if not await _body(request):
             raise ClientError(400, "empty request body")
         raise ClientError(415, "no Content-Type: send multipart/form-data, application/json or an image/* body")
     else:
@@ -376,7 +464,7 @@ async def _read_images(request: Request, settings: ServeSettings) -> tuple[list[
 
 async def _read_json_images(request: Request, limit: int, query_top_k: str | None
                             ) -> tuple[list[str], list[bytes], Any]:
-    body = await request.body()
+    body = await _body(request)
     if not body:
         raise ClientError(400, "empty request body")
     try:

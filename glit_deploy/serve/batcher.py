@@ -9,6 +9,10 @@ runs).
 Waiting stops early once the queue holds as many images as the previous batch ran: under steady load
 that is about as many as will come, and at concurrency 1 it means no waiting at all (waiting the full
 `max_wait_s` for clients that are all already queued only adds latency and idles the model).
+
+A request holds its room in the queue from before its images are decoded (`reserve`), so one that
+would find the queue full is refused before any decoding is spent on it, and decoded images that
+wait for the queue count against `max_queue` like the queued ones.
 """
 
 from __future__ import annotations
@@ -44,6 +48,38 @@ class _Job:
     enqueued: float
 
 
+class Reservation:
+    """Room for `images` in the queue, held while a request decodes them: `submit` them, or `release`.
+
+    As a context manager it releases on exit whatever was not submitted (a decoding error, a client gone).
+    """
+
+    def __init__(self, batcher: MicroBatcher, images: int) -> None:
+        self._batcher = batcher
+        self.images = images
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._batcher._reserved_images -= self.images
+
+    async def submit(self, inputs: list[np.ndarray]) -> np.ndarray:
+        """Queue the decoded inputs (at most the images reserved) in the room held for them."""
+        if not self._held:
+            raise RuntimeError("this reservation was already submitted or released")
+        if len(inputs) > self.images:
+            raise ValueError(f"{len(inputs)} inputs for a reservation of {self.images} images")
+        self.release()
+        return await self._batcher._enqueue(inputs)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
 class MicroBatcher:
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int = 32,
                  max_wait_s: float = 0.005, max_queue: int = 256, observer: BatchObserver | None = None) -> None:
@@ -55,6 +91,7 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glit-infer")
         self._jobs: deque[_Job] = deque()
         self._queued_images = 0
+        self._reserved_images = 0  # held by requests still decoding (see Reservation)
         self._last_batch = max_batch_size  # until a batch has run, wait for a full one
         self._flush = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -71,12 +108,26 @@ class MicroBatcher:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._work(), name="glit-batcher")
 
-    async def submit(self, inputs: list[np.ndarray]) -> np.ndarray:
-        """Queue one request's inputs; returns their logits [len(inputs), classes] in order."""
+    def has_room(self, images: int) -> bool:
+        """Whether `images` more would fit now (queued and reserved images count)."""
+        return self._queued_images + self._reserved_images + images <= self.max_queue
+
+    def reserve(self, images: int) -> Reservation:
+        """Hold room for `images` before they are decoded (raises QueueFull or Draining)."""
         if self._closing or self._wake is None:
             raise Draining()
-        if self._queued_images + len(inputs) > self.max_queue:
+        if not self.has_room(images):
             raise QueueFull()
+        self._reserved_images += images
+        return Reservation(self, images)
+
+    async def submit(self, inputs: list[np.ndarray]) -> np.ndarray:
+        """Queue one request's inputs; returns their logits [len(inputs), classes] in order."""
+        return await self.reserve(len(inputs)).submit(inputs)
+
+    async def _enqueue(self, inputs: list[np.ndarray]) -> np.ndarray:
+        if self._closing or self._wake is None:
+            raise Draining()
         future = asyncio.get_running_loop().create_future()
         self._jobs.append(_Job(inputs, future, time.perf_counter()))
         self._set_depth(self._queued_images + len(inputs))

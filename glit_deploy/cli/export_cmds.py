@@ -51,7 +51,8 @@ def export_cmd(
     max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile and Triton max_batch_size.")] = 32,
     precision: Annotated[str, typer.Option(help="ONNX: fp32, or int8 (static QDQ quantization, calibrated on "
                                            "training images, behind an accuracy gate); default: the precision "
-                                           "the run's search measured at, else fp32.")] = "",
+                                           "the run's search measured at, else fp32. TensorRT: fp32, fp16 or "
+                                           "int8 (explicit quantization, behind the same gate).")] = "",
     calibration_images: Annotated[int, typer.Option(min=1, help="int8: training images to calibrate on.")] = 64,
     max_top1_drop: Annotated[float, typer.Option(min=0, help="int8 gate: largest top-1 drop from float32, in "
                                                  "points, on the validation split.")] = 0.5,
@@ -78,7 +79,8 @@ def export_cmd(
         _export_onnx(rundir, model, opset, exporter, optimize, max_abs_diff, min_agreement, parity_images, force,
                      inject_error, latency, latency_budget, precision, calibration_images, gate)
     elif format == "trt":
-        _export_trt(rundir, model, fp16, max_batch, max_abs_diff, min_agreement)
+        _export_trt(rundir, model, precision or ("fp16" if fp16 else "fp32"), fp16, max_batch, max_abs_diff,
+                    min_agreement, calibration_images, max_top1_drop)
     else:
         _export_triton(rundir, model, max_batch)
 
@@ -146,13 +148,15 @@ def _parity_text(parity: dict[str, Any]) -> str:
             f"{100 * parity['top1_agreement']:.2f} % (≥ {100 * t['min_agreement']:.2f} %)")
 
 
-def _export_trt(rundir: Any, model: str | None, fp16: bool, max_batch: int, max_abs_diff: float | None,
-                min_agreement: float | None) -> None:
+def _export_trt(rundir: Any, model: str | None, precision: str, fp16: bool, max_batch: int,
+                max_abs_diff: float | None, min_agreement: float | None, calibration_images: int,
+                max_top1_drop: float) -> None:
     from glit_deploy.export.onnx_export import export_dir
     from glit_deploy.export.tensorrt import ENGINE_FILE, EngineOptions, build_run_engine
 
-    options = EngineOptions(fp16=fp16, max_batch=max_batch, max_abs_diff=max_abs_diff,
-                            min_agreement=None if min_agreement is None else min_agreement / 100)
+    options = EngineOptions(precision=precision, fp16=fp16, max_batch=max_batch, max_abs_diff=max_abs_diff,
+                            min_agreement=None if min_agreement is None else min_agreement / 100,
+                            calibration_images=calibration_images, max_top1_drop=max_top1_drop)
     with _steps("TensorRT engine") as report:
         s = build_run_engine(rundir, options, report, label=model)
     table = Table(title="TensorRT engine", show_header=False)

@@ -228,6 +228,7 @@ def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_
     model.rounds = sum(t.rounds for t in timings)
     model.disturbed_rounds = sum(t.disturbed_rounds for t in timings)
     model.build_seconds = time.perf_counter() - started
+    target.flush()  # e.g. TensorRT's timing cache, shared by the next table's engines
     model.save(cache_path)
     return model
 

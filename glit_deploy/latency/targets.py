@@ -45,9 +45,10 @@ from glit_deploy.runtimes import (
 )
 
 TARGETS = ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda", "trt")
-# The precisions each target deploys at. int8 on onnxruntime is the QDQ graph of `glit_deploy.quant`;
-# TensorRT (and onnxruntime's TensorRT provider) builds int8 from the same QDQ graph (explicit
-# quantization) and fp16 from the float32 graph.
+# The precisions each target deploys at. int8 on onnxruntime-CPU is the QDQ graph of
+# `glit_deploy.quant` (uint8 activations); TensorRT, and onnxruntime's TensorRT provider, which goes
+# through TensorRT's parser, build int8 from a symmetric int8 QDQ graph of the same operators
+# (`export.tensorrt.tensorrt_int8_recipe`, explicit quantization), and fp16 from the float32 graph.
 TARGET_PRECISIONS: dict[str, tuple[str, ...]] = {
     "ort-cpu": ("fp32", "int8"), "ort-cuda": ("fp32",), "ort-trt": ("fp32", "fp16", "int8"),
     "torch-cpu": ("fp32",), "torch-cuda": ("fp32",), "trt": ("fp32", "fp16", "int8"),
@@ -136,6 +137,9 @@ class Target(ABC):
         if found != expected:
             raise GlitError(f"{path} is a {found} graph, but target {self.label} deploys {expected} graphs: "
                             f"time it with --precision {found}")
+
+    def flush(self) -> None:  # noqa: B027 (most targets keep nothing between measurements)
+        """Persist what the target learnt while timing (TensorRT: its shared timing cache)."""
 
     def measure_file(self, path: Path, batch_size: int, protocol: Protocol = DECISION) -> Timing:
         """Time the ONNX file at `path` as it is (the deployed file), with random inputs of `batch_size`."""
@@ -256,8 +260,16 @@ def file_input(session: Any, batch_size: int, path: Path) -> np.ndarray:
 
 
 class TensorRTTarget(Target):
+    """Engines built with one TensorRT builder and one timing cache shared by every engine this target
+    builds (a table builds about 250), kept in the latency cache per TensorRT version and GPU."""
+
     name = "trt"
     device_kind = "cuda"
+
+    def __init__(self, threads: int | None = None, precision: str = "fp32",
+                 recipe: QuantRecipe = DEFAULT_RECIPE) -> None:
+        super().__init__(threads, precision, recipe)
+        self._builder: Any = None
 
     def check(self) -> None:
         import_tensorrt()
@@ -267,15 +279,26 @@ class TensorRTTarget(Target):
         return {"tensorrt": import_tensorrt().__version__, "torch": torch.__version__}
 
     def _runner(self, module: nn.Module, example: Tensor, calibration: np.ndarray | None) -> Runner:
-        return self._engine_runner(self.graph(module, example, calibration), tuple(example.shape))
+        # the float32 graph: the engine builder makes the precision's graph (`tensorrt_graph`)
+        return self._engine_runner(deployable_graph(module, example), tuple(example.shape), calibration)
 
     def file_runner(self, path: Path, batch_size: int) -> Runner:
-        return self._engine_runner(path.read_bytes(), _onnx_input_shape(path, batch_size))
+        return self._engine_runner(path.read_bytes(), _onnx_input_shape(path, batch_size), None)
 
-    def _engine_runner(self, model: bytes, shape: tuple[int, ...]) -> Runner:
-        from glit_deploy.export.tensorrt import TensorRTRunner, build_engine
+    def _engine_runner(self, model: bytes, shape: tuple[int, ...], calibration: np.ndarray | None) -> Runner:
+        from glit_deploy.export.tensorrt import (
+            EngineBuilder,
+            SharedTimingCache,
+            TensorRTRunner,
+            build_engine,
+            timing_cache_path,
+        )
+        from glit_deploy.latency.table import cache_dir
 
-        engine = build_engine(model, shapes={"input": shape})
+        if self._builder is None:
+            self._builder = EngineBuilder(SharedTimingCache(timing_cache_path(cache_dir())))
+        engine = build_engine(model, shapes={"input": shape}, precision=self.precision, calibration=calibration,
+                              builder=self._builder)
         runner = TensorRTRunner(engine)
         x = torch.randn(*shape, device="cuda")
         stream = torch.cuda.Stream()
@@ -288,6 +311,10 @@ class TensorRTTarget(Target):
                 return cuda_event_timer(fn)
 
         return run, timer
+
+    def flush(self) -> None:
+        if self._builder is not None:
+            self._builder.timing_cache.save()
 
 
 def _onnx_input_shape(path: Path, batch_size: int) -> tuple[int, ...]:
@@ -323,9 +350,14 @@ def get_target(name: str, threads: int | None = None, precision: str = "fp32") -
         return TorchTarget("cpu", threads)
     if name == "torch-cuda":
         return TorchTarget("cuda", threads)
+    recipe = DEFAULT_RECIPE
+    if precision == "int8" and name in ("trt", "ort-trt"):
+        from glit_deploy.export.tensorrt import tensorrt_int8_recipe
+
+        recipe = tensorrt_int8_recipe()
     if name in OrtTarget.PROVIDERS:
-        return OrtTarget(name, threads, precision)
-    return TensorRTTarget(threads, precision)
+        return OrtTarget(name, threads, precision, recipe)
+    return TensorRTTarget(threads, precision, recipe)
 
 
 def default_target_name() -> str:

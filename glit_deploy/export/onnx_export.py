@@ -332,7 +332,7 @@ def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions 
             raise GlitError("--optimize rewrites the float32 graph for GPU providers; it does not combine with "
                             "--precision int8")
         fp32_bytes = model_bytes
-        model_bytes = _quantize_and_gate(model_bytes, meta, info, options, sidecar, out, threads, report)
+        model_bytes = _quantize_and_gate(run, model_bytes, meta, info, options, sidecar, out, threads, report)
 
     staged = out / STAGING_DIR / ONNX_FILE
     atomic_write(staged, lambda tmp: tmp.write_bytes(model_bytes))
@@ -368,14 +368,18 @@ def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions 
     return OnnxExport(out / ONNX_FILE, sidecar)
 
 
-def _quantize_and_gate(fp32_bytes: bytes, meta: ModelMetadata, info: TrainedModelInfo, options: OnnxOptions,
-                       sidecar: dict[str, Any], out: Path, threads: int | None, report: Report) -> bytes:
+def _quantize_and_gate(run: RunDir, fp32_bytes: bytes, meta: ModelMetadata, info: TrainedModelInfo,
+                       options: OnnxOptions, sidecar: dict[str, Any], out: Path, threads: int | None,
+                       report: Report) -> bytes:
     """The float32 graph that passed parity -> its int8 graph, with metadata, if it passes the gate."""
     import onnx
 
-    from glit_deploy.data import load_data
+    from glit_deploy.data import load_data, load_recorded_data
 
-    bundle = load_data(info.data, info.image_size)
+    recorded = run.load_meta().get("data")
+    # the run's own record (absolute path, skipped files, change detection) when the model is its own
+    bundle = (load_recorded_data(recorded, info.image_size) if recorded and recorded.get("spec") == info.data
+              else load_data(info.data, info.image_size, report=False))
     report(f"int8: calibrating on {min(options.calibration_images, len(bundle.calib))} training images")
     calibration = calibration_images(bundle.calib, options.calibration_images)
     quantized = onnx.load_from_string(quantize_onnx(fp32_bytes, calibration, DEFAULT_RECIPE))

@@ -12,9 +12,18 @@ Families, all built by timm's own factories (`timm.create_model`, no weights, no
 same target and the same measurement as the search's winner) and picks, per family, the candidate
 with the most multiply-adds whose 95 % upper bound of the median is within the budget (default: the
 evolution winner's measured median, from the batch-1 JSON). It writes the candidates and the choice
-to a JSON that `bench/evidence_retrain.py` reads for its `cnn` role.
+to `bench/evidence/cnn-fit.json`.
 
-    nice -n 5 /work/main/.venv/bin/python bench/cnn_baseline.py --fit --json-out bench/evidence/cnn-fit.json
+`--train FAMILY --seed N` then trains that family's chosen CNN on CIFAR-10 exactly as
+`bench/evidence_retrain.py` retrains the GLiT archs: the same recipe (`evidence_retrain.recipe`),
+the same data split and augmentation, through the same training loop
+(`glit_deploy.retrain.train_classifier`), resumable from its per-epoch checkpoints. The trained model
+is exported as the GLiT models are (the deployable graph, `onnx.checker`, parity with PyTorch on
+validation images, the class names and normalisation in the metadata), timed on the target, and
+published as `bench/models/cifar10/cnn-FAMILY-sN.onnx` + `.json` with role `cnn`.
+
+    nice -n 5 /work/main/.venv/bin/python bench/cnn_baseline.py --fit
+    nice -n 15 /work/main/.venv/bin/python bench/cnn_baseline.py --train resnet10 --seed 0 --threads 1
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from glit_deploy.latency.measure import DECISION  # noqa: E402
 from glit_deploy.latency.targets import get_target  # noqa: E402
@@ -117,17 +128,111 @@ def fit(budget_ms: float, target_name: str, threads: int) -> dict[str, Any]:
             "chosen": chosen, "load_average": os.getloadavg()}
 
 
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, export, time and publish the chosen CNN of `args.train` (see the module docstring)."""
+    import hashlib
+    from dataclasses import asdict
+
+    import onnx
+    from evidence_retrain import recipe
+
+    from glit_deploy import distributed
+    from glit_deploy.checkpoint import load_checkpoint
+    from glit_deploy.data import load_recorded_data
+    from glit_deploy.export.metadata import ModelMetadata, attach_metadata
+    from glit_deploy.export.onnx import check_onnx, deployable_onnx
+    from glit_deploy.export.parity import Thresholds, compare_logits, ort_runner, session_logits, torch_logits
+    from glit_deploy.retrain import set_recipe_transform, train_classifier
+    from glit_deploy.rundir import RunDir, atomic_write_json
+    from glit_deploy.runtimes import ort_session
+
+    chosen = json.loads(args.json_out.read_text())["chosen"].get(args.train)
+    if chosen is None:
+        raise SystemExit(f"{args.json_out} has no fitting {args.train}: run --fit first")
+    name = f"cnn-{args.train}-s{args.seed}"
+    out = args.models_dir / f"{name}.json"
+    if out.exists():
+        console.print(f"{out} exists: {name} is done")
+        return json.loads(out.read_text())
+    cfg = recipe(args.epochs, args.seed)
+    record = RunDir(args.supernet_run).load_meta()["data"]
+    bundle = load_recorded_data(record, 32)
+    set_recipe_transform(bundle, cfg)
+    stage = args.out / "retrain-runs" / name
+    stage.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = cnn_model(args.train, chosen["size"], bundle.num_classes)
+    checkpoint = load_checkpoint(stage)
+    identity = {"cnn": {"family": args.train, "size": chosen["size"]}}
+    if checkpoint is not None and (checkpoint.state.get("cnn") != identity["cnn"]
+                                   or checkpoint.state.get("config") != asdict(cfg)):
+        raise SystemExit(f"{stage} holds another CNN or recipe: move it away")
+    ctx = distributed.DistContext(0, 1, 0, torch.device("cpu"))
+    started = time.perf_counter()
+    trained = train_classifier(model, bundle, cfg, stage, name, ctx, checkpoint, identity=identity)
+    train_seconds = time.perf_counter() - started
+
+    final = trained.model.cpu().eval()
+    images = torch.stack([bundle.val[i][0] for i in range(min(args.parity_images, len(bundle.val)))])
+    proto = onnx.load_from_string(deployable_onnx(final, images[:1]))
+    meta = ModelMetadata(arch=identity, space={"name": "timm-cnn", "image_size": 32}, image_size=32,
+                         mean=tuple(bundle.mean), std=tuple(bundle.std), class_names=tuple(bundle.class_names),
+                         label=name, val_top1=trained.val_top1[trained.chosen])
+    attach_metadata(proto, meta)
+    graph = proto.SerializeToString()
+    check_onnx(graph)
+    parity = compare_logits(torch_logits(final, images), session_logits(ort_runner(ort_session(graph)), images),
+                            Thresholds(), "onnxruntime CPU vs PyTorch eager (float32)")
+    if not parity.passed:
+        raise SystemExit(f"{name}: parity failed: {parity.failure()}")
+    args.models_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = args.models_dir / f"{name}.onnx"
+    onnx_path.write_bytes(graph)
+    timing = get_target(args.target, args.threads).measure_file(onnx_path, 1)
+    example = torch.zeros(1, 3, 32, 32)
+    result = {
+        "role": "cnn", "name": name, "seed": args.seed, "arch": identity, "digest": None, "split": [],
+        "val_top1": trained.val_top1[trained.chosen], "val_top1_raw": trained.val_top1.get("raw"),
+        "val_top1_ema": trained.val_top1.get("ema"), "weights": trained.chosen, "val_images": len(bundle.val),
+        "data": record.get("spec"), "inherited_top1": None, "measured_ms": timing.median_ms,
+        "ci_ms": [timing.ci_low_ms, timing.ci_high_ms], "p90_ms": timing.p90_ms, "p99_ms": timing.p99_ms,
+        "timing": {"target": args.target, "threads": args.threads, "batch_size": 1, "file": str(onnx_path),
+                   **timing.to_dict()},
+        "epochs": cfg.epochs, "recipe": asdict(cfg), "params": sum(p.numel() for p in final.parameters()),
+        "macs": macs(final, example), "onnx_file": onnx_path.name, "onnx_bytes": len(graph),
+        "onnx_sha256": hashlib.sha256(graph).hexdigest(), "parity": parity.to_dict(),
+        "exported_by": "bench/cnn_baseline.py (glit_deploy.export.onnx.deployable_onnx, onnx.checker, parity)",
+        "fit": chosen, "train_seconds": round(train_seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(out, result)
+    console.print(f"[green]{name}: {result['val_top1']:.2f} %, {timing.median_ms:.3f} ms -> {out}[/green]")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fit", action="store_true", help="time the candidates and choose per family")
+    parser.add_argument("--train", choices=[*RESNET_LAYERS, *MOBILENET_MULTIPLIERS],
+                        help="train, export and publish this family's chosen CNN")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=10, help="the evidence's schedule (as evidence_retrain.py)")
+    parser.add_argument("--supernet-run", type=Path, default=Path("/work/evidence/cifar-supernet"),
+                        help="the run whose run.json records the dataset (the same split as the GLiT jobs)")
+    parser.add_argument("--out", type=Path, default=Path("/work/evidence"))
+    parser.add_argument("--models-dir", type=Path, default=REPO / "bench" / "models" / "cifar10")
+    parser.add_argument("--parity-images", type=int, default=1024)
     parser.add_argument("--batch1", type=Path, default=REPO / "bench" / "evidence" / "cifar10-batch1.json")
     parser.add_argument("--budget-ms", type=float, help="default: the evolution winner's measured median")
     parser.add_argument("--target", default="ort-cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=REPO / "bench" / "evidence" / "cnn-fit.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.train:
+        train(args)
+        return
     if not args.fit:
-        parser.error("nothing to do: --fit")
+        parser.error("nothing to do: --fit or --train FAMILY")
     budget = args.budget_ms or json.loads(args.batch1.read_text())["evolution"]["winner"]["measured_ms"]
     result = fit(budget, args.target, args.threads)
     table = Table(title=f"CNN baselines within {budget:.4f} ms on {args.target} ({args.threads} thread), "

@@ -222,7 +222,7 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
         _same_retraining(stage, checkpoint.state.get("arch"), checkpoint.state.get("config"), arch, cfg)
 
     bundle = bundle or load_recorded_data(meta["data"], space.image_size, allow_data_change, report=ctx.is_main)
-    set_train_transform(bundle, deit_train_transform(bundle, _auto_augment(cfg), cfg.reprob))
+    set_recipe_transform(bundle, cfg)
     if ctx.is_main:
         stage.mkdir(parents=True, exist_ok=True)
         arch.save(stage / "arch.json", space=space.name)
@@ -233,6 +233,47 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
     model = GLiT(arch, space, bundle.num_classes, drop_path_rate=cfg.drop_path)
     if cfg.init == "supernet" and checkpoint is None:
         model.load_state_dict(_inherited_weights(run, arch, cfg, bundle))
+    trained = train_classifier(model, bundle, cfg, stage, label, ctx, checkpoint, identity={"arch": arch.to_dict()},
+                               checkpoint_meta={"space": space.name, "label": label},
+                               stop_after_epoch=stop_after_epoch)
+    if trained.stopped:
+        return TrainedModelInfo(label=label, arch=arch, space=space, class_names=bundle.class_names,
+                                mean=bundle.mean, std=bundle.std, image_size=bundle.image_size,
+                                data=data_spec, val_top1=None, extra={"stopped_after_epoch": trained.epochs_done - 1})
+    final, chosen = trained.val_top1, trained.chosen
+    info = TrainedModelInfo(label=label, arch=arch, space=space, class_names=bundle.class_names, mean=bundle.mean,
+                            std=bundle.std, image_size=bundle.image_size, data=data_spec, val_top1=final[chosen],
+                            extra={"weights": chosen, "val_top1_raw": final["raw"],
+                                   "val_top1_ema": final.get("ema"), "epochs": cfg.epochs, "init": cfg.init,
+                                   "val_images": len(bundle.val), "recipe": asdict(cfg)})
+    if ctx.is_main:
+        save_trained_model(run, trained.model.to("cpu"), info)
+        console.print(f"retrained {label}: validation top-1 {final[chosen]:.2f} % ({chosen} weights) -> {stage}")
+    distributed.barrier(ctx)
+    return info
+
+
+@dataclass
+class TrainedClassifier:
+    """What `train_classifier` returns: the better of the raw and EMA weights, and both scores."""
+
+    model: nn.Module  # the chosen weights' module (in eval mode)
+    val_top1: dict[str, float]  # "raw" and, with an EMA, "ema"
+    chosen: str
+    epochs_done: int
+    stopped: bool = False  # True: stopped by `stop_after_epoch`, not finished (model and scores are empty)
+
+
+def train_classifier(model: nn.Module, bundle: DataBundle, cfg: RetrainConfig, stage: Path, label: str,
+                     ctx: distributed.DistContext, checkpoint: Any = None, identity: dict[str, Any] | None = None,
+                     checkpoint_meta: dict[str, Any] | None = None, stop_after_epoch: int | None = None
+                     ) -> TrainedClassifier:
+    """Train any image classifier on `bundle` with the retraining recipe (`cfg`; every piece timm's),
+    checkpointing every epoch in `stage` and resuming exactly from `checkpoint`. `identity` (what is
+    trained, e.g. the arch) is stored with each checkpoint. GLiT retraining and the evidence's CNN
+    baselines both train through here, so their recipes cannot drift apart.
+
+    The training transform of `bundle` must already be set (`deit_train_transform`)."""
     model = model.to(ctx.device)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
     optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -322,34 +363,23 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
                 if ema is not None:
                     weights.update({EMA_PREFIX + k: v for k, v in ema.module.state_dict().items()})
                 state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "config": asdict(cfg), "arch": arch.to_dict(), "metrics": last}
-                save_checkpoint(stage, epoch, weights, state, {"space": space.name, "label": label})
+                         "config": asdict(cfg), **(identity or {}), "metrics": last}
+                save_checkpoint(stage, epoch, weights, state, checkpoint_meta or {"label": label})
                 append_jsonl(metrics_path, last)
                 plot_training_curves(metrics_path, stage / "curves.png")
                 summary = ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k.startswith("val_top1"))
                 console.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {last['train_loss']:.4f} {summary}")
             distributed.barrier(ctx)
             if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < cfg.epochs:
-                return TrainedModelInfo(label=label, arch=arch, space=space, class_names=bundle.class_names,
-                                        mean=bundle.mean, std=bundle.std, image_size=bundle.image_size,
-                                        data=data_spec, val_top1=None, extra={"stopped_after_epoch": epoch})
+                return TrainedClassifier(model, {}, "", epoch + 1, stopped=True)
 
     model.eval()
     final = {"raw": evaluate(model, val_loader, ctx.device, ctx)}
     if ema is not None:
         final["ema"] = evaluate(ema.module, val_loader, ctx.device, ctx)
     chosen = max(final, key=lambda k: final[k])
-    info = TrainedModelInfo(label=label, arch=arch, space=space, class_names=bundle.class_names, mean=bundle.mean,
-                            std=bundle.std, image_size=bundle.image_size, data=data_spec, val_top1=final[chosen],
-                            extra={"weights": chosen, "val_top1_raw": final["raw"],
-                                   "val_top1_ema": final.get("ema"), "epochs": cfg.epochs, "init": cfg.init,
-                                   "val_images": len(bundle.val), "recipe": asdict(cfg)})
-    if ctx.is_main:
-        final_model = ema.module if chosen == "ema" else model
-        save_trained_model(run, final_model.to("cpu"), info)
-        console.print(f"retrained {label}: validation top-1 {final[chosen]:.2f} % ({chosen} weights) -> {stage}")
-    distributed.barrier(ctx)
-    return info
+    chosen_model = ema.module if chosen == "ema" else model
+    return TrainedClassifier(chosen_model.eval(), final, chosen, cfg.epochs)
 
 
 def _same_retraining(stage: Path, saved_arch: dict[str, Any] | None, saved_config: dict[str, Any] | None,
@@ -366,6 +396,11 @@ def _same_retraining(stage: Path, saved_arch: dict[str, Any] | None, saved_confi
         if changed:
             raise RunError(f"{stage} was trained with other settings ({'; '.join(changed)}): resume it with the "
                            "settings it started with, or retrain under another label")
+
+
+def set_recipe_transform(bundle: DataBundle, cfg: RetrainConfig) -> None:
+    """The recipe's training augmentation (RandAugment, random erasing, on the dataset's crop and flip)."""
+    set_train_transform(bundle, deit_train_transform(bundle, _auto_augment(cfg), cfg.reprob))
 
 
 def _auto_augment(cfg: RetrainConfig) -> str | None:

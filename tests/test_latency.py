@@ -113,7 +113,7 @@ class SleepTarget(Target):
     def check(self) -> None:
         pass
 
-    def _runner(self, module: torch.nn.Module, example: torch.Tensor) -> Runner:
+    def _runner(self, module: torch.nn.Module, example: torch.Tensor, calibration: object) -> Runner:
         seconds = 1e-8 * sum(p.numel() for p in module.parameters())
 
         def run() -> None:

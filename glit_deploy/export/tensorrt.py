@@ -498,7 +498,10 @@ def build_run_engine(run: Any, options: EngineOptions, report: Callable[[str], N
     report = report or (lambda _msg: None)
     exported = ensure_onnx(run, label, report)
     out = export_dir(run)
-    onnx_model = (out / ONNX_FILE).read_bytes()
+    # an int8 ONNX export (onnxruntime-CPU's QDQ graph) keeps the float32 graph it came from: engines of
+    # every precision are built from, and checked against, the float32 graph
+    source_file = (exported.sidecar.get("fp32") or {}).get("file", ONNX_FILE)
+    onnx_model = (out / source_file).read_bytes()
     meta = exported.sidecar["metadata"]
     input_name, output_name = meta["input_name"], meta["output_name"]
     chw = (3, meta["image_size"], meta["image_size"])
@@ -575,7 +578,7 @@ def build_run_engine(run: Any, options: EngineOptions, report: Callable[[str], N
                     profile.items()},
         "io": {name: {"dtype": str(runner.engine.get_tensor_dtype(name)),
                       "shape": list(runner.engine.get_tensor_shape(name))} for name in runner.inputs + runner.outputs},
-        "onnx": {"file": ONNX_FILE, "sha256": sha256_file(out / ONNX_FILE)},
+        "onnx": {"file": source_file, "sha256": sha256_file(out / source_file)},
         **files,
         "timing_cache": TIMING_CACHE_FILE,
         "timing_cache_started_fresh": cache.started_fresh,

@@ -118,7 +118,9 @@ def write_triton_repository(run: RunDir, max_batch: int = 32, label: str | None 
                           "source_sha256": exported.sidecar["sha256"]}
 
     engine = load_engine_info(out)
-    if engine is not None and engine["onnx"]["sha256"] == exported.sidecar["sha256"]:
+    # an engine is built from the float32 graph (kept as model.fp32.onnx next to an int8 export)
+    engine_source = (exported.sidecar.get("fp32") or {}).get("sha256", exported.sidecar["sha256"])
+    if engine is not None and engine["onnx"]["sha256"] == engine_source:
         engine_max = engine["profile"][inputs[0].name]["max"][0]
         trt_inputs = [TensorSpec(s.name, TRITON_TYPES.get(engine["io"][s.name]["dtype"], s.dtype), s.dims)
                       for s in inputs]

@@ -238,8 +238,8 @@ def main() -> None:
                         help="train, export and publish this family's chosen CNN")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=10, help="the evidence's schedule (as evidence_retrain.py)")
-    parser.add_argument("--supernet-run", type=Path, default=Path("/work/evidence/cifar-supernet"),
-                        help="the run whose run.json records the dataset (the same split as the GLiT jobs)")
+    parser.add_argument("--supernet-run", type=Path, default=REPO / "bench" / "evidence",
+                        help="the run whose run.json records the dataset (default: batch 1's copy, the GLiT jobs' split)")
     parser.add_argument("--out", type=Path, default=Path("/work/evidence"))
     parser.add_argument("--models-dir", type=Path, default=REPO / "bench" / "models" / "cifar10")
     parser.add_argument("--parity-images", type=int, default=1024)

@@ -37,9 +37,10 @@ so processes side by side never train the same job, even with overlapping filter
     wait
     # single jobs
     nice -n 15 /work/main/.venv/bin/python bench/evidence_retrain.py --jobs evolution-s1,all-global-s1 --threads 1
-    # the results: every model, mean +- sd per role, the deltas, Kendall's tau of the ranking set
+    # the results: every model (bench/cnn_baseline.py's CNNs too), mean +- sd per role, the deltas,
+    # Kendall's tau of the ranking set, and a plot of them
     nice -n 15 /work/main/.venv/bin/python bench/evidence_retrain.py --summary \\
-        --json-out /work/evidence/evidence_retrain.json
+        --json-out bench/evidence/cifar10-batch2.json --plot bench/evidence/cifar10-batch2.png
 
 A small end-to-end check on the built-in digits space, on the JSON of batch 1's own digits check (its
 docstring; about 50 s), then every job at 1 epoch, two processes side by side (2 min on 2 busy cores):
@@ -76,17 +77,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from glit_deploy.atomic_io import atomic_write, atomic_write_json
 from glit_deploy.errors import GlitError
 from glit_deploy.export.onnx_export import OnnxOptions, export_run_onnx, sha256_file
 from glit_deploy.latency.targets import get_target
 from glit_deploy.nn.counting import arch_cost
 from glit_deploy.retrain import RetrainConfig, load_metrics, retrain
-from glit_deploy.rundir import RunDir, atomic_write_json
+from glit_deploy.rundir import RunDir
 from glit_deploy.space import Arch, SearchSpace
 from glit_deploy.trained import INFO_FILE, load_trained_info, retrain_dir
 
 REPO = Path(__file__).resolve().parents[1]
 ROLES = ("evolution", "random-search", "all-global", "random", "ranking")
+# what --summary reports: this script's jobs, and the CNN baseline bench/cnn_baseline.py --train publishes beside them
+REPORTED_ROLES = (*ROLES, "cnn")
 WINNER_STEPS = {"evolution": "evolution", "random-search": "random", "all-global": "all-global"}  # role -> step
 SEEDS = (0, 1, 2)
 MAX_ONNX_BYTES = 5_000_000  # what the repository takes in bench/models
@@ -378,13 +382,50 @@ def role_stats(values: list[float]) -> dict[str, Any]:
             "sd": statistics.stdev(values) if len(values) >= 2 else None, "values": values}
 
 
+def arch_text(record: dict[str, Any]) -> str:
+    """A GLiT arch as its global heads per block; a CNN as its family and size."""
+    if record["role"] == "cnn":
+        cnn = record["arch"]["cnn"]
+        return f"{cnn['family']} (size {cnn['size']})"
+    return " ".join(map(str, record["split"]))
+
+
+def plot_summary(summary: dict[str, Any], path: Path) -> None:
+    """Retrained top-1 per role (every model a point, the mean a bar) and the ranking set's scatter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_roles, ax_rank) = plt.subplots(1, 2, figsize=(11, 4.2))
+    shown = [role for role in REPORTED_ROLES if role != "ranking" and summary["roles"][role]["n"]]
+    for x, role in enumerate(shown):
+        stats = summary["roles"][role]
+        ax_roles.bar(x, stats["mean"], color="0.85", edgecolor="0.5")
+        ax_roles.scatter([x] * stats["n"], stats["values"], color="C0", zorder=3)
+    ax_roles.set_xticks(range(len(shown)), shown, rotation=20)
+    values = [v for role in shown for v in summary["roles"][role]["values"]]
+    if values:
+        ax_roles.set_ylim(min(values) - 3, max(values) + 2)
+    ax_roles.set(ylabel="retrained top-1 (%)", title="retrained models (10 epochs), by role")
+    ranked = [r for r in summary["models"] if r["role"] == "ranking" and r["inherited_top1"] is not None]
+    ax_rank.scatter([r["inherited_top1"] for r in ranked], [r["val_top1"] for r in ranked], color="C1")
+    tau = summary["kendall"]["tau"]
+    ax_rank.set(xlabel="inherited-weight top-1 on the supernet (%)", ylabel="retrained top-1 (%)",
+                title=f"ranking set ({len(ranked)} archs, 5 epochs): Kendall tau "
+                      + ("-" if tau is None else f"{tau:+.2f}"))
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
 def fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
 def summarize(records: list[dict[str, Any]], jobs: list[Job], scores: dict[str, float], models_dir: Path
               ) -> dict[str, Any]:
-    order = {role: i for i, role in enumerate(ROLES)}
+    order = {role: i for i, role in enumerate(REPORTED_ROLES)}
     records = sorted(records, key=lambda r: (order[r["role"]], r["name"]))
     for r in records:  # batch 1 may have scored an arch after its job was published
         if r.get("inherited_top1") is None:
@@ -392,27 +433,28 @@ def summarize(records: list[dict[str, Any]], jobs: list[Job], scores: dict[str, 
     out = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"retrained models in {models_dir}: validation top-1 (kept weights), measured latency "
                         f"({TIMING_TARGET}, {TIMING_THREADS} thread, batch {TIMING_BATCH})")
-    for column in ("role", "name", "seed", "epochs", "global heads per block", "inherited top-1",
+    for column in ("role", "name", "seed", "epochs", "arch (global heads per block)", "inherited top-1",
                    "retrained top-1", "measured"):
         table.add_column(column, justify="right" if column in ("seed", "epochs") or "top-1" in column
                          or column == "measured" else "left")
     for r in records:
-        table.add_row(r["role"], r["name"], str(r["seed"]), str(r["epochs"]), " ".join(map(str, r["split"])),
+        table.add_row(r["role"], r["name"], str(r["seed"]), str(r["epochs"]), arch_text(r),
                       fmt(r["inherited_top1"], 2, " %"), fmt(r["val_top1"], 2, " %"),
                       f"{fmt(r['measured_ms'], 3)} ms [{fmt(r['ci_ms'][0], 3)}, {fmt(r['ci_ms'][1], 3)}]")
     out.print(table)
 
-    roles = {role: role_stats([r["val_top1"] for r in records if r["role"] == role]) for role in ROLES}
+    roles = {role: role_stats([r["val_top1"] for r in records if r["role"] == role]) for role in REPORTED_ROLES}
     stats = Table(title="retrained top-1 per role (mean +- sample standard deviation)")
     for column in ("role", "over", "n", "mean", "sd", "values"):
         stats.add_column(column)
     for role, s in roles.items():
-        stats.add_row(role, "seeds" if role in WINNER_STEPS else "archs", str(s["n"]), fmt(s["mean"], 2, " %"),
-                      fmt(s["sd"], 2), " ".join(f"{v:.2f}" for v in s["values"]) or "-")
+        over = "seeds" if role in (*WINNER_STEPS, "cnn") else "archs"
+        values = " ".join(f"{v:.2f}" for v in s["values"]) or "-"
+        stats.add_row(role, over, str(s["n"]), fmt(s["mean"], 2, " %"), fmt(s["sd"], 2), values)
     out.print(stats)
 
     deltas: dict[str, Any] = {}
-    for other in ("random-search", "all-global"):
+    for other in ("random-search", "all-global", "random", "cnn"):
         a, b = roles["evolution"], roles[other]
         delta: dict[str, Any] = {"delta": None, "se": None, "n": [a["n"], b["n"]]}
         if a["n"] and b["n"]:
@@ -486,6 +528,7 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the jobs and their status, and exit")
     parser.add_argument("--summary", action="store_true", help="print the results of the published models, and exit")
     parser.add_argument("--json-out", type=Path, help="with --summary: write it all to this JSON")
+    parser.add_argument("--plot", type=Path, help="with --summary: plot the roles and the ranking set to this PNG")
     args = parser.parse_args()
     args.out, args.models_dir = args.out.resolve(), args.models_dir.resolve()
     if args.epochs < 1 or args.ranking_epochs < 1:
@@ -510,8 +553,11 @@ def main() -> int:
         return 0
     if args.summary:
         records = [json.loads(p.read_text()) for p in sorted(args.models_dir.glob("*.json"))]
-        records = [r for r in records if r.get("role") in ROLES]
+        records = [r for r in records if r.get("role") in REPORTED_ROLES]
         result = summarize(records, jobs, scores, args.models_dir)
+        if args.plot:
+            plot_summary(result, args.plot)
+            console.print(f"wrote {args.plot}")
         if args.json_out:
             atomic_write_json(args.json_out, {"about": "bench/evidence_retrain.py --summary",
                                               "batch1": str(args.batch1), "models_dir": str(args.models_dir),

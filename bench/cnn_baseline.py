@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=10, help="the evidence's schedule (as evidence_retrain.py)")
     parser.add_argument("--supernet-run", type=Path, default=REPO / "bench" / "evidence",
-                        help="the run whose run.json records the dataset (default: batch 1's copy, the GLiT jobs' split)")
+                        help="the run whose run.json records the dataset (default: batch 1's copy, the GLiT split)")
     parser.add_argument("--out", type=Path, default=Path("/work/evidence"))
     parser.add_argument("--models-dir", type=Path, default=REPO / "bench" / "models" / "cifar10")
     parser.add_argument("--parity-images", type=int, default=1024)

@@ -81,17 +81,46 @@ def ort_session(model: bytes | str | os.PathLike, provider: str = "CPUExecutionP
     return session
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
+# The vector instruction sets the runtimes' kernels dispatch on. Two hosts with the same model name can expose
+# different ones (a cloud VM without AVX-512 next to one with it), and a latency measured on one does not hold on
+# the other: they are part of what names the device.
+VECTOR_EXTENSIONS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                     "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "sve2")
 
-    return platform.processor() or platform.machine()
+
+def cpu_features(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """The vector extensions of VECTOR_EXTENSIONS this CPU reports (from /proc/cpuinfo, or `cpuinfo`'s text)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return ()
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return tuple(f for f in VECTOR_EXTENSIONS if f in flags)
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and its vector extensions, e.g. 'AMD EPYC (avx, avx2, fma, f16c)': what names a
+    CPU device wherever a latency is recorded (a latency table's cache key among them)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 None)
+    if model is None:
+        import platform
+
+        model = platform.processor() or platform.machine()
+    features = cpu_features(cpuinfo)
+    return f"{model} ({', '.join(features)})" if features else model
 
 
 def gpu_name() -> str:

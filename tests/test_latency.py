@@ -189,6 +189,24 @@ def test_targets_measure(name: str) -> None:
     assert fp["target"] == name and fp["threads"] == 1 and fp["versions"]
 
 
+def test_cpu_device_names_its_vector_extensions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hosts with one model name but different vector extensions (an AVX2-only VM, an AVX-512 one) are
+    different devices: a latency table measured on one is not reused on the other."""
+    from glit_deploy import runtimes
+    from glit_deploy.latency import targets
+
+    avx2 = "model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 fma f16c\n"
+    avx512 = "model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 fma f16c avx512f avx512_vnni avx512_bf16\n"
+    assert runtimes.cpu_name(avx2) == "AMD EPYC (avx, avx2, fma, f16c)"
+    assert runtimes.cpu_name(avx512) == "AMD EPYC (avx, avx2, fma, f16c, avx512f, avx512_vnni, avx512_bf16)"
+    assert runtimes.cpu_name("model name\t: Some CPU\n") == "Some CPU"
+    keys = []
+    for text in (avx2, avx512):
+        monkeypatch.setattr(targets, "cpu_name", lambda text=text: runtimes.cpu_name(text))
+        keys.append(get_target("ort-cpu", threads=1).fingerprint())
+    assert keys[0]["device"] != keys[1]["device"] and keys[0] != keys[1]
+
+
 def test_onnx_targets_time_the_graph_export_writes(tmp_path: Path) -> None:
     """The graph a latency target times and the file `glit export` writes are the same graph."""
     import onnx

@@ -251,7 +251,14 @@ def test_latency_table_and_its_cache() -> None:
     assert report.within_10 == sum(e <= 10 for e in errors) / 4 and report.worst == pytest.approx(max(errors))
     largest, smallest = extreme_arch(space, True), extreme_arch(space, False)
     assert model.predict_ms(largest) == pytest.approx(model.scale * model.raw_ms(largest) + model.offset_ms)
-    assert model.predict_ms(largest) > model.predict_ms(smallest)
+    # Most multiply-adds is not always slowest (on an AVX2-only host the all-local arch with the most MACs measured
+    # faster than the smallest, whose attention costs more in fixed overheads at 17 tokens): the table must follow
+    # the clock, not the MACs. Both extremes are calibration models, so their measurements are in the table.
+    measured = {p["digest"]: p["measured_ms"] for p in model.calibration}
+    slow, fast = sorted((largest, smallest), key=lambda a: measured[a.digest], reverse=True)
+    if measured[slow.digest] > 1.3 * measured[fast.digest]:  # a gap well beyond the build's noise
+        assert model.predict_ms(slow) > model.predict_ms(fast)
+    assert model.block_range_ms(space, False) > model.block_range_ms(space, True)  # the blocks differ in time
     assert model.block_range_ms(space, True) == pytest.approx(model.predict_ms(model.fastest_arch(space)))
     assert model.block_range_ms(space, True) < model.predict_ms(smallest) or \
         model.fastest_arch(space) == smallest

@@ -39,26 +39,26 @@ sys.path.insert(0, str(REPO))
 
 from glit_deploy.latency.measure import DECISION, time_interleaved  # noqa: E402
 from glit_deploy.quant import (  # noqa: E402
-    DEFAULT_RECIPE,
     AccuracyGate,
-    QuantRecipe,
     calibration_images,
     deployable_graph,
     graph_predictions,
+    host_recipe,
     random_calibration,
 )
 from glit_deploy.runtimes import ort_session  # noqa: E402
 
 console = Console()
+HOST_RECIPE = host_recipe()  # what the export uses on this CPU (7-bit weights on x86 without VNNI)
 # The operator choices compared with --recipes (the default recipe is always measured).
 RECIPES = {
-    "MatMul+Gemm": QuantRecipe(op_types=("MatMul", "Gemm")),
-    "MatMul+Gemm+Conv (default)": DEFAULT_RECIPE,
-    "const-B MatMul+Gemm+Conv": QuantRecipe(extra_options={"MatMulConstBOnly": True}),
-    "per-tensor weights": QuantRecipe(per_channel=False),
-    "every supported op": QuantRecipe(op_types=("MatMul", "Gemm", "Conv", "Add", "Mul", "Softmax", "Transpose",
-                                                "Reshape", "Split", "Concat", "Gather", "LayerNormalization",
-                                                "Sigmoid")),
+    "MatMul+Gemm": replace(HOST_RECIPE, op_types=("MatMul", "Gemm")),
+    "MatMul+Gemm+Conv (default)": HOST_RECIPE,
+    "const-B MatMul+Gemm+Conv": replace(HOST_RECIPE, extra_options={"MatMulConstBOnly": True}),
+    "per-tensor weights": replace(HOST_RECIPE, per_channel=False),
+    "every supported op": replace(HOST_RECIPE, op_types=(
+        "MatMul", "Gemm", "Conv", "Add", "Mul", "Softmax", "Transpose", "Reshape", "Split", "Concat", "Gather",
+        "LayerNormalization", "Sigmoid")),
 }
 
 
@@ -129,7 +129,7 @@ def main() -> None:
     models = [] if args.no_tiny else [glit_tiny()]
     if args.cifar_run or args.cifar_supernet:
         models.append(cifar_model(args))
-    recipes = RECIPES if args.recipes else {"MatMul+Gemm+Conv (default)": DEFAULT_RECIPE}
+    recipes = RECIPES if args.recipes else {"MatMul+Gemm+Conv (default)": HOST_RECIPE}
     load_before = os.getloadavg()
     results: list[dict[str, Any]] = []
     accuracy_of: dict[str, float] = {}  # float32 top-1 per model

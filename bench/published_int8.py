@@ -6,8 +6,8 @@ without VNNI gains less from int8 at all. So the gate and the speed-up of a publ
 was exported, are measured again here, on this host, with the export's own code:
 
 - each `bench/models/cifar10/NAME.onnx` (float32, as `glit export` wrote it) is quantized with
-  `glit_deploy.quant.quantize_onnx` (the export's recipe, calibrated on the export's 64 training images of the
-  recorded dataset, seed 0);
+  `glit_deploy.quant.quantize_onnx` (the export's recipe for this host, `host_recipe()`, calibrated on the
+  export's 64 training images of the recorded dataset, seed 0);
 - the gate (`glit_deploy.quant.AccuracyGate`, 0.5 points / 97 %) on the 5,000 validation images;
 - float32 and int8 timed interleaved (`glit_deploy.latency.measure.time_interleaved`) on ort-cpu, 1 thread,
   batch 1: the ratio is this host's.
@@ -30,7 +30,7 @@ from glit_deploy.atomic_io import atomic_write_json
 from glit_deploy.data import load_recorded_data
 from glit_deploy.latency.measure import Protocol, time_interleaved
 from glit_deploy.latency.targets import get_target
-from glit_deploy.quant import DEFAULT_RECIPE, AccuracyGate, calibration_images, graph_predictions, quantize_onnx
+from glit_deploy.quant import AccuracyGate, calibration_images, graph_predictions, host_recipe, quantize_onnx
 from glit_deploy.rundir import RunDir
 from glit_deploy.runtimes import cpu_name
 
@@ -55,10 +55,11 @@ def main() -> int:
     target = get_target("ort-cpu", threads=1)
     protocol = Protocol(min_seconds=args.seconds, max_seconds=4 * args.seconds)
     host = cpu_name()
+    recipe = host_recipe()
     rows = []
     for name in names:
         fp32 = (args.models_dir / f"{name}.onnx").read_bytes()
-        int8 = quantize_onnx(fp32, calibration, DEFAULT_RECIPE)
+        int8 = quantize_onnx(fp32, calibration, recipe)
         fp32_pred, labels = graph_predictions(fp32, bundle.val, threads=1)
         int8_pred, _ = graph_predictions(int8, bundle.val, threads=1)
         gate = AccuracyGate().judge(fp32_pred, int8_pred, labels)
@@ -88,7 +89,7 @@ def main() -> int:
     if args.json_out:
         atomic_write_json(args.json_out, {"about": "bench/published_int8.py", "host": host,
                                           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                          "recipe": DEFAULT_RECIPE.to_dict(), "calibration_images": len(calibration),
+                                          "recipe": recipe.to_dict(), "calibration_images": len(calibration),
                                           "models": rows, "val_images": len(bundle.val)})
         console.print(f"wrote {args.json_out}")
     return 0

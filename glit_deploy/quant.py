@@ -5,8 +5,12 @@ One definition of the int8 graph (`quantize_onnx`), which the latency targets ti
 
 - `onnxruntime.quantization.quant_pre_process` (symbolic shape inference and graph optimisation),
 - `quantize_static` in the QDQ format, per-channel int8 weights, uint8 activations (the format
-  onnxruntime's CPU kernels are written for; this CPU has VNNI, so no reduced range), MinMax
-  calibration on images of the training split as the model sees them (`calibration_images`),
+  onnxruntime's CPU kernels are written for), MinMax calibration on images of the training split as
+  the model sees them (`calibration_images`),
+- 8-bit weights on CPUs with an int8 dot-product instruction (VNNI, AMX; not x86), 7-bit weights
+  (`reduce_range`) on x86 CPUs without one: there onnxruntime multiplies u8 by s8 with VPMADDUBSW,
+  whose 16-bit sums saturate. Measured on the retrained CIFAR-10 winner on an AVX2-only host
+  (BENCHMARKS.md §10): full range lost 1.50 points (91.0 % agreement), reduced range gained 0.04 (98.5 %),
 - the operators in `QuantRecipe.op_types`: which ones pay was measured (BENCHMARKS.md §10).
 
 Latency does not depend on the scales and zero points, only on which tensors are quantized: a block
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,7 @@ class QuantRecipe:
     weight_type: str = "QInt8"
     calibrate_method: str = "MinMax"
     extra_options: dict[str, Any] = field(default_factory=dict)
+    reduce_range: bool = False  # 7-bit weights: what x86 CPUs without VNNI need (see host_recipe)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -60,7 +65,42 @@ class QuantRecipe:
         return cls(**{**data, "op_types": tuple(data.get("op_types", DEFAULT_OP_TYPES))})
 
 
-DEFAULT_RECIPE = QuantRecipe()
+DEFAULT_RECIPE = QuantRecipe()  # 8-bit weights: for CPUs with an int8 dot product (VNNI, AMX) and GPUs
+
+
+def saturates_u8s8(features: Sequence[str] | None = None) -> bool:
+    """True on an x86 CPU without an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI, AMX): onnxruntime's
+    u8 x s8 kernels use VPMADDUBSW there, whose 16-bit intermediate sums saturate on full-range weights."""
+    import platform
+
+    from glit_deploy.runtimes import cpu_features
+
+    if features is None:
+        if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+            return False
+        features = cpu_features()
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(features)
+
+
+def host_recipe() -> QuantRecipe:
+    """The int8 recipe for onnxruntime on this CPU: DEFAULT_RECIPE, with 7-bit weights where u8 x s8 saturates."""
+    return replace(DEFAULT_RECIPE, reduce_range=True) if saturates_u8s8() else DEFAULT_RECIPE
+
+
+def saturation_warning(quantization: dict[str, Any] | None, host: str) -> str | None:
+    """Why an int8 file may lose accuracy on this CPU, or None: a file quantized with 8-bit weights (for a CPU
+    with VNNI) run on an x86 CPU without VNNI saturates. `quantization`: the file's metadata."""
+    if not quantization or not saturates_u8s8():
+        return None
+    recipe = quantization.get("recipe", {})
+    if recipe.get("reduce_range") or recipe.get("weight_type", "QInt8") != "QInt8" \
+            or recipe.get("activation_type", "QUInt8") != "QUInt8":
+        return None
+    made_on = quantization.get("host", "a CPU with an int8 dot product")
+    return (f"this int8 model has 8-bit weights (quantized on {made_on}); this CPU ({host}) has no VNNI, so "
+            "onnxruntime's int8 products can saturate and its accuracy can drop (1.5 points measured on a CIFAR-10 "
+            "model): export it again on this machine (glit export --precision int8 quantizes with 7-bit weights "
+            "here), or serve the float32 model")
 
 
 def check_precision(precision: str, allowed: Sequence[str] = PRECISIONS, what: str = "") -> str:
@@ -91,10 +131,10 @@ class _ArrayReader:
         self._iter = None
 
 
-def quantize_onnx(model: bytes, calibration: np.ndarray, recipe: QuantRecipe = DEFAULT_RECIPE,
+def quantize_onnx(model: bytes, calibration: np.ndarray, recipe: QuantRecipe | None = None,
                   batch_size: int = 16) -> bytes:
     """A float32 ONNX graph (one float input) -> its int8 QDQ graph, calibrated on `calibration`
-    (float32 inputs as the model takes them, first axis the samples)."""
+    (float32 inputs as the model takes them, first axis the samples); `recipe` defaults to `host_recipe()`."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -105,6 +145,7 @@ def quantize_onnx(model: bytes, calibration: np.ndarray, recipe: QuantRecipe = D
                                 f"{calibration.shape}")
     if not np.isfinite(calibration).all():
         raise QuantizationError("calibration inputs hold NaN or infinite values")
+    recipe = recipe or host_recipe()
     proto = onnx.load_from_string(model)
     input_name = proto.graph.input[0].name
     with tempfile.TemporaryDirectory(prefix="glit-quant-") as tmp:
@@ -113,7 +154,7 @@ def quantize_onnx(model: bytes, calibration: np.ndarray, recipe: QuantRecipe = D
             quant_pre_process(proto, str(prepared), skip_symbolic_shape=False)
             quantize_static(str(prepared), str(quantized), _ArrayReader(input_name, calibration, batch_size),
                             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(recipe.op_types),
-                            per_channel=recipe.per_channel, reduce_range=False,
+                            per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                             activation_type=getattr(QuantType, recipe.activation_type),
                             weight_type=getattr(QuantType, recipe.weight_type),
                             calibrate_method=getattr(CalibrationMethod, recipe.calibrate_method),
@@ -145,7 +186,7 @@ def calibration_images(dataset: Any, count: int = DEFAULT_CALIBRATION_IMAGES, se
 
 
 def deployable_graph(model: Any, example: Any, precision: str = "fp32", calibration: np.ndarray | None = None,
-                     recipe: QuantRecipe = DEFAULT_RECIPE) -> bytes:
+                     recipe: QuantRecipe | None = None) -> bytes:
     """The deployed graph at a precision: `export.onnx.deployable_onnx`, quantized for int8 with
     `calibration` (random inputs when None: for timing only)."""
     from glit_deploy.export.onnx import deployable_onnx

@@ -64,6 +64,11 @@ def test_int8_export_passes_the_gate_and_the_file_serves(deployable_copy: Path, 
     assert onnx_precision(model) == "int8"
     meta = read_metadata(model)
     assert meta.precision == "int8" and meta.quantization["recipe"]["per_channel"] is True
+    # the recipe follows the CPU (7-bit weights where u8 x s8 saturates), and the file says which CPU made it
+    from glit_deploy.quant import saturates_u8s8
+    from glit_deploy.runtimes import cpu_name
+
+    assert meta.quantization["recipe"]["reduce_range"] is saturates_u8s8() and meta.quantization["host"] == cpu_name()
 
     # `glit bench` times the int8 file next to the float32 graph it was quantized from
     assert onnx_precision(deployable_copy / "export" / "model.fp32.onnx") == "fp32"
@@ -83,7 +88,7 @@ def test_int8_export_passes_the_gate_and_the_file_serves(deployable_copy: Path, 
     image = tmp_path / "digit.png"
     image.write_bytes(digit_png(0))
     predicted = glit("predict", "--model", str(model), str(image), "--top-k", "1", "--json")
-    assert json.loads(predicted.stdout)
+    assert json.loads(predicted.stdout) and "VNNI" not in predicted.stderr  # made for this CPU: no warning
     server = Server(model, tmp_path / "server.log")
     try:
         status, _, body = server.predict([("digit.png", digit_png(0))])
@@ -136,3 +141,53 @@ def test_precision_is_checked_per_target() -> None:
         get_target("ort-cpu", 1, "fp16")
     bad = glit("search", "--run", "/nonexistent", "--latency-budget", "1ms", "--quant-eval", "2", check=False)
     assert bad.returncode == 2 and "--precision int8" in bad.stderr
+
+
+def test_weights_are_7_bit_where_u8s8_saturates_and_an_8_bit_file_is_flagged_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On x86 CPUs without VNNI onnxruntime's u8 x s8 products saturate (BENCHMARKS.md §10: 1.5 points lost on a
+    CIFAR-10 model): the recipe for such a host has 7-bit weights, and serving a file made with 8-bit weights
+    there says why its accuracy may drop. The host's kind is set here, not read: both branches run anywhere."""
+    from dataclasses import replace
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from glit_deploy import quant
+    from glit_deploy.export.metadata import ModelMetadata, attach_metadata
+    from glit_deploy.nn import GLiT, extreme_arch
+    from glit_deploy.serve.predictor import Predictor
+    from glit_deploy.space import get_space
+
+    assert quant.saturates_u8s8(["avx", "avx2", "fma"]) and not quant.saturates_u8s8(["avx2", "avx512_vnni"])
+    assert not quant.saturates_u8s8(["avx2", "avx_vnni"]) and not quant.saturates_u8s8(["amx_int8"])
+    monkeypatch.setattr(quant, "saturates_u8s8", lambda features=None: True)
+    assert quant.host_recipe().reduce_range
+    monkeypatch.setattr(quant, "saturates_u8s8", lambda features=None: False)
+    assert quant.host_recipe() == quant.DEFAULT_RECIPE and not quant.DEFAULT_RECIPE.reduce_range
+
+    space = get_space("digits")
+    torch.manual_seed(0)
+    net = GLiT(extreme_arch(space, True), space, 10).eval()
+    example = torch.randn(1, 3, 8, 8)
+    calibration = quant.random_calibration(tuple(example.shape), samples=8)
+    widest = {}
+    for reduce_range in (False, True):
+        recipe = replace(quant.DEFAULT_RECIPE, reduce_range=reduce_range)
+        graph = onnx.load_from_string(quant.deployable_graph(net, example, "int8", calibration, recipe))
+        weights = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        widest[reduce_range] = max(int(np.abs(w.astype(np.int32)).max()) for w in weights if w.size > 1)
+        meta = ModelMetadata(arch={}, space=space.to_dict(), image_size=8, mean=(0.5,) * 3, std=(0.5,) * 3,
+                             class_names=tuple(str(i) for i in range(10)), precision="int8",
+                             quantization={"recipe": recipe.to_dict(), "host": "AMD EPYC (avx2, avx512_vnni)"})
+        attach_metadata(graph, meta)
+        onnx.save(graph, tmp_path / f"reduce-{reduce_range}.onnx")
+    assert widest[False] == 127 and widest[True] <= 64  # per channel, the largest weight takes the whole range
+
+    monkeypatch.setattr(quant, "saturates_u8s8", lambda features=None: True)
+    flagged = Predictor.load(tmp_path / "reduce-False.onnx", provider="cpu", threads=1)
+    assert "no VNNI" in flagged.note and "AMD EPYC (avx2, avx512_vnni)" in flagged.note
+    assert Predictor.load(tmp_path / "reduce-True.onnx", provider="cpu", threads=1).note == ""
+    monkeypatch.setattr(quant, "saturates_u8s8", lambda features=None: False)
+    assert Predictor.load(tmp_path / "reduce-False.onnx", provider="cpu", threads=1).note == ""

@@ -57,15 +57,15 @@ from glit_deploy.latency.budget import Budget
 from glit_deploy.quant import (
     CALIBRATION_SEED,
     DEFAULT_CALIBRATION_IMAGES,
-    DEFAULT_RECIPE,
     AccuracyGate,
     calibration_images,
     check_precision,
     graph_predictions,
+    host_recipe,
     quantize_onnx,
 )
 from glit_deploy.rundir import RunDir, atomic_write, atomic_write_json
-from glit_deploy.runtimes import import_onnxruntime, ort_session
+from glit_deploy.runtimes import cpu_name, import_onnxruntime, ort_session
 from glit_deploy.trained import MODEL_FILE, TrainedModelInfo, load_trained_info, load_trained_model, retrain_dir
 
 ONNX_FILE = "model.onnx"
@@ -382,8 +382,10 @@ def _quantize_and_gate(run: RunDir, fp32_bytes: bytes, meta: ModelMetadata, info
               else load_data(info.data, info.image_size, report=False))
     report(f"int8: calibrating on {min(options.calibration_images, len(bundle.calib))} training images")
     calibration = calibration_images(bundle.calib, options.calibration_images)
-    quantized = onnx.load_from_string(quantize_onnx(fp32_bytes, calibration, DEFAULT_RECIPE))
-    quantization = {"method": "onnxruntime.quantization.quantize_static (QDQ)", "recipe": DEFAULT_RECIPE.to_dict(),
+    recipe = host_recipe()  # the recipe depends on the CPU: recorded with the CPU it was made and gated on
+    quantized = onnx.load_from_string(quantize_onnx(fp32_bytes, calibration, recipe))
+    quantization = {"method": "onnxruntime.quantization.quantize_static (QDQ)", "recipe": recipe.to_dict(),
+                    "host": cpu_name(),
                     "calibration": {"split": "train", "images": len(calibration), "seed": CALIBRATION_SEED}}
     attach_metadata(quantized, replace(meta, precision="int8", quantization=quantization))
     quantized.doc_string = f"GLiT '{info.label}' ({info.arch.digest}) int8, exported by glit-deploy"

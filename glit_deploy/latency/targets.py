@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from glit_deploy.errors import GlitError
 from glit_deploy.latency.measure import DECISION, Protocol, Runner, Timing, time_runs
-from glit_deploy.quant import DEFAULT_RECIPE, QuantRecipe, check_precision, deployable_graph
+from glit_deploy.quant import DEFAULT_RECIPE, QuantRecipe, check_precision, deployable_graph, host_recipe
 from glit_deploy.runtimes import (
     INSTALL_HINT,
     RuntimeUnavailable,
@@ -350,7 +350,7 @@ def get_target(name: str, threads: int | None = None, precision: str = "fp32") -
         return TorchTarget("cpu", threads)
     if name == "torch-cuda":
         return TorchTarget("cuda", threads)
-    recipe = DEFAULT_RECIPE
+    recipe = host_recipe() if name == "ort-cpu" else DEFAULT_RECIPE  # 7-bit weights where u8 x s8 saturates
     if precision == "int8" and name in ("trt", "ort-trt"):
         from glit_deploy.export.tensorrt import tensorrt_int8_recipe
 

@@ -11,7 +11,8 @@ import numpy as np
 from glit_deploy.errors import GlitError
 from glit_deploy.export.metadata import ModelMetadata, session_metadata
 from glit_deploy.images import DEFAULT_MAX_PIXELS, Normaliser, model_input, open_image
-from glit_deploy.runtimes import PROVIDERS, RuntimeUnavailable, import_onnxruntime, ort_session
+from glit_deploy.quant import saturation_warning
+from glit_deploy.runtimes import PROVIDERS, RuntimeUnavailable, cpu_name, import_onnxruntime, ort_session
 
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
 
@@ -82,7 +83,11 @@ class Predictor:
             session = session or ort_session(source, PROVIDERS["cpu"], threads)
         else:
             session = ort_session(source, PROVIDERS[provider], threads)
-        return cls(session, session_metadata(session, source=source), source=source, note=note)
+        meta = session_metadata(session, source=source)
+        if meta.precision == "int8" and PROVIDERS["cpu"] in session.get_providers()[:1]:
+            warning = saturation_warning(meta.quantization, cpu_name())
+            note = "; ".join(filter(None, [note, warning]))
+        return cls(session, meta, source=source, note=note)
 
     @property
     def providers(self) -> list[str]:

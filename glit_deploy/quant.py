@@ -7,7 +7,7 @@ One definition of the int8 graph (`quantize_onnx`), which the latency targets ti
 - `quantize_static` in the QDQ format, per-channel int8 weights, uint8 activations (the format
   onnxruntime's CPU kernels are written for), MinMax calibration on images of the training split as
   the model sees them (`calibration_images`),
-- 8-bit weights on CPUs with an int8 dot-product instruction (VNNI, AMX; not x86), 7-bit weights
+- 8-bit weights on CPUs with an int8 dot-product instruction (VNNI, AMX) and off x86, 7-bit weights
   (`reduce_range`) on x86 CPUs without one: there onnxruntime multiplies u8 by s8 with VPMADDUBSW,
   whose 16-bit sums saturate. Measured on the retrained CIFAR-10 winner on an AVX2-only host
   (BENCHMARKS.md §10): full range lost 1.50 points (91.0 % agreement), reduced range gained 0.04 (98.5 %),

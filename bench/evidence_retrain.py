@@ -419,12 +419,34 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def remeasure(records: list[dict[str, Any]], models_dir: Path, seconds: float) -> dict[str, Any]:
+    """Every published file timed again on this host, all interleaved in one run (ort-cpu, 1 thread, batch 1):
+    a file's `measured_ms` was taken on the host and at the load of the session that published it, so only
+    this run's figures compare the models at equal latency. Ratios are to the evolution winner (seed 0)."""
+    import os
+
+    from glit_deploy.latency.measure import Protocol, time_interleaved
+    from glit_deploy.runtimes import cpu_name
+
+    target = get_target(TIMING_TARGET, TIMING_THREADS)
+    runners = {r["name"]: target.file_runner(models_dir / r["onnx_file"], TIMING_BATCH) for r in records}
+    load_before = os.getloadavg()[0]
+    timings = time_interleaved(runners, Protocol(min_seconds=seconds, max_seconds=4 * seconds))
+    reference = timings.get("evolution-s0")
+    out = {"host": cpu_name(), "load_before": load_before, "load_after": os.getloadavg()[0],
+           "protocol_min_seconds": seconds, "models": {}}
+    for name, timing in timings.items():
+        out["models"][name] = {**timing.to_dict(),
+                               "ratio_to_evolution_s0": timing.median_ms / reference.median_ms if reference else None}
+    return out
+
+
 def fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def summarize(records: list[dict[str, Any]], jobs: list[Job], scores: dict[str, float], models_dir: Path
-              ) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], jobs: list[Job], scores: dict[str, float], models_dir: Path,
+              timing: dict[str, Any] | None = None) -> dict[str, Any]:
     order = {role: i for i, role in enumerate(REPORTED_ROLES)}
     records = sorted(records, key=lambda r: (order[r["role"]], r["name"]))
     for r in records:  # batch 1 may have scored an arch after its job was published
@@ -433,14 +455,22 @@ def summarize(records: list[dict[str, Any]], jobs: list[Job], scores: dict[str, 
     out = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"retrained models in {models_dir}: validation top-1 (kept weights), measured latency "
                         f"({TIMING_TARGET}, {TIMING_THREADS} thread, batch {TIMING_BATCH})")
-    for column in ("role", "name", "seed", "epochs", "arch (global heads per block)", "inherited top-1",
-                   "retrained top-1", "measured"):
-        table.add_column(column, justify="right" if column in ("seed", "epochs") or "top-1" in column
-                         or column == "measured" else "left")
+    columns = ["role", "name", "seed", "epochs", "arch (global heads per block)", "inherited top-1",
+               "retrained top-1", "measured when published"]
+    if timing:
+        columns += ["measured here, interleaved", "vs evolution-s0"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("role", "name", "arch (global heads per block)")
+                         else "right")
     for r in records:
-        table.add_row(r["role"], r["name"], str(r["seed"]), str(r["epochs"]), arch_text(r),
-                      fmt(r["inherited_top1"], 2, " %"), fmt(r["val_top1"], 2, " %"),
-                      f"{fmt(r['measured_ms'], 3)} ms [{fmt(r['ci_ms'][0], 3)}, {fmt(r['ci_ms'][1], 3)}]")
+        row = [r["role"], r["name"], str(r["seed"]), str(r["epochs"]), arch_text(r),
+               fmt(r["inherited_top1"], 2, " %"), fmt(r["val_top1"], 2, " %"),
+               f"{fmt(r['measured_ms'], 3)} ms [{fmt(r['ci_ms'][0], 3)}, {fmt(r['ci_ms'][1], 3)}]"]
+        if timing:
+            here = timing["models"].get(r["name"], {})
+            row += [f"{fmt(here.get('median_ms'), 3)} ms [{fmt(here.get('ci_low_ms'), 3)}, "
+                    f"{fmt(here.get('ci_high_ms'), 3)}]", fmt(here.get("ratio_to_evolution_s0"), 2, "x")]
+        table.add_row(*row)
     out.print(table)
 
     roles = {role: role_stats([r["val_top1"] for r in records if r["role"] == role]) for role in REPORTED_ROLES}
@@ -482,7 +512,11 @@ def summarize(records: list[dict[str, Any]], jobs: list[Job], scores: dict[str, 
     if jobs:
         out.print(f"published {len(jobs) - len(pending)} of the {len(jobs)} jobs batch 1 gives"
                   + (f"; pending: {', '.join(pending)}" if pending else ""))
-    return {"models": records, "roles": roles, "deltas": deltas, "kendall": tau, "pending": pending}
+    if timing:
+        out.print(f"measured here: {timing['host']}, load average {timing['load_before']:.1f} -> "
+                  f"{timing['load_after']:.1f}, every file interleaved in one run")
+    return {"models": records, "roles": roles, "deltas": deltas, "kendall": tau, "pending": pending,
+            "remeasured": timing}
 
 
 # main -------------------------------------------------------------------------------------------
@@ -528,6 +562,8 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the jobs and their status, and exit")
     parser.add_argument("--summary", action="store_true", help="print the results of the published models, and exit")
     parser.add_argument("--json-out", type=Path, help="with --summary: write it all to this JSON")
+    parser.add_argument("--remeasure", type=float, metavar="SECONDS",
+                        help="with --summary: time every published file again here, interleaved, at least SECONDS")
     parser.add_argument("--plot", type=Path, help="with --summary: plot the roles and the ranking set to this PNG")
     args = parser.parse_args()
     args.out, args.models_dir = args.out.resolve(), args.models_dir.resolve()
@@ -554,7 +590,8 @@ def main() -> int:
     if args.summary:
         records = [json.loads(p.read_text()) for p in sorted(args.models_dir.glob("*.json"))]
         records = [r for r in records if r.get("role") in REPORTED_ROLES]
-        result = summarize(records, jobs, scores, args.models_dir)
+        timing = remeasure(records, args.models_dir, args.remeasure) if args.remeasure and records else None
+        result = summarize(records, jobs, scores, args.models_dir, timing)
         if args.plot:
             plot_summary(result, args.plot)
             console.print(f"wrote {args.plot}")

@@ -88,14 +88,17 @@ VECTOR_EXTENSIONS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx51
                      "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "sve2")
 
 
+def _read_cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return fh.read()
+    except OSError:  # not Linux: no model name, no flags
+        return ""
+
+
 def cpu_features(cpuinfo: str | None = None) -> tuple[str, ...]:
     """The vector extensions of VECTOR_EXTENSIONS this CPU reports (from /proc/cpuinfo, or `cpuinfo`'s text)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as fh:
-                cpuinfo = fh.read()
-        except OSError:
-            return ()
+    cpuinfo = _read_cpuinfo() if cpuinfo is None else cpuinfo
     flags: set[str] = set()
     for line in cpuinfo.splitlines():
         if line.startswith(("flags", "Features")):
@@ -107,12 +110,7 @@ def cpu_features(cpuinfo: str | None = None) -> tuple[str, ...]:
 def cpu_name(cpuinfo: str | None = None) -> str:
     """The CPU's model name and its vector extensions, e.g. 'AMD EPYC (avx, avx2, fma, f16c)': what names a
     CPU device wherever a latency is recorded (a latency table's cache key among them)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as fh:
-                cpuinfo = fh.read()
-        except OSError:
-            cpuinfo = ""
+    cpuinfo = _read_cpuinfo() if cpuinfo is None else cpuinfo
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  None)
     if model is None:

@@ -50,7 +50,6 @@ def test_int8_graph_is_symmetric_int8_qdq_with_float_biases(digits_model: Any) -
     import onnx
     from onnx import numpy_helper
 
-
     model, fp32, x = digits_model
     graph = tensorrt_graph(fp32, "int8")
     check_tensorrt_qdq(graph)

@@ -37,6 +37,10 @@ so processes side by side never train the same job, even with overlapping filter
     wait
     # single jobs
     nice -n 15 /work/main/.venv/bin/python bench/evidence_retrain.py --jobs evolution-s1,all-global-s1 --threads 1
+    # as many jobs as are expected to finish by 09:55 (a job still training when a working session ends
+    # loses its checkpoints with the machine): each job's time is estimated from the epochs already
+    # published or trained by its role, and a job that would end later is not started
+    nice -n 15 /work/main/.venv/bin/python bench/evidence_retrain.py --roles ranking --threads 1 --stop-by 09:55
     # the results: every model (bench/cnn_baseline.py's CNNs too), mean +- sd per role, the deltas,
     # Kendall's tau of the ranking set, and a plot of them
     nice -n 15 /work/main/.venv/bin/python bench/evidence_retrain.py --summary \\
@@ -61,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import fcntl
 import json
 import math
@@ -349,6 +354,79 @@ def run_job(job: Job, args: argparse.Namespace, source: RunDir, scores: dict[str
     return record
 
 
+# --stop-by ---------------------------------------------------------------------------------------
+EXPORT_SECONDS = 180  # export, parity on 1,024 images and the file's timing, with room for a busy machine
+
+
+def parse_stop_by(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """'HH:MM' (today, local time) or an ISO date-time, which must lie in the future."""
+    now = now or dt.datetime.now().astimezone()
+    try:
+        if len(text) <= 5 and ":" in text:
+            hour, minute = (int(part) for part in text.split(":"))
+            when = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        else:
+            when = dt.datetime.fromisoformat(text)
+            when = when if when.tzinfo else when.astimezone()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HH:MM or an ISO date-time") from None
+    if when <= now:
+        raise argparse.ArgumentTypeError(f"{text} ({when:%Y-%m-%d %H:%M}) has passed")
+    return when
+
+
+def epoch_seconds_by_role(models_dir: Path, out: Path, jobs: list[Job]) -> dict[str, list[list[float]]]:
+    """Epoch wall times seen so far, per role, as two lists: those of the published models (any host,
+    any load) and those of the unpublished jobs' checkpoints here (this host's speed now)."""
+    times: dict[str, list[list[float]]] = {}
+    for path in sorted(models_dir.glob("*.json")):
+        record = json.loads(path.read_text())
+        seconds = [h["epoch_seconds"] for h in record.get("history") or [] if h.get("epoch_seconds")]
+        times.setdefault(record.get("role", "?"), [[], []])[0].extend(seconds)
+    for job in jobs:
+        stage = runs_root(out) / job.name / "retrain" / job.name
+        if not (models_dir / f"{job.name}.json").exists():  # a published job's epochs are counted above
+            times.setdefault(job.role, [[], []])[1].extend(
+                float(h["epoch_seconds"]) for h in load_metrics(stage) if h.get("epoch_seconds"))
+    return times
+
+
+def estimated_seconds(job: Job, out: Path, epoch_times: dict[str, list[list[float]]], fallback: float | None
+                      ) -> float | None:
+    """What the job still needs: its remaining epochs at its role's epoch time (the larger of the two
+    medians, published and here: starting a job that cannot finish costs more than leaving a core idle),
+    or `fallback` seconds an epoch where the role has none; plus the export. None when nothing tells."""
+    medians = [statistics.median(times) for times in epoch_times.get(job.role, []) if times]
+    seconds = max(medians) if medians else fallback
+    if seconds is None:
+        return None
+    found = saved_training(runs_root(out) / job.name / "retrain" / job.name)
+    done = found[0] + 1 if found is not None else 0
+    return max(job.epochs - done, 0) * seconds + EXPORT_SECONDS
+
+
+def fits_before(job: Job, args: argparse.Namespace, jobs: list[Job]) -> bool:
+    """With --stop-by: whether the job is expected to finish in time (said either way)."""
+    if args.stop_by is None:
+        return True
+    needed = estimated_seconds(job, args.out, epoch_seconds_by_role(args.models_dir, args.out, jobs),
+                               args.epoch_minutes * 60 if args.epoch_minutes else None)
+    if needed is None:
+        console.print(f"[yellow]{job.name}: not started: no epoch of role {job.role} has been timed yet, so "
+                      "its length is unknown (give --epoch-minutes)[/yellow]")
+        return False
+    now = dt.datetime.now().astimezone()
+    end = now + dt.timedelta(seconds=needed)
+    if end > args.stop_by:
+        console.print(f"[yellow]{job.name}: not started: expected to take {needed / 60:.0f} min, to "
+                      f"{end:%H:%M}, past --stop-by {args.stop_by:%H:%M}[/yellow]")
+        return False
+    console.print(f"{job.name}: expected to take {needed / 60:.0f} min, to {end:%H:%M} "
+                  f"(--stop-by {args.stop_by:%H:%M})")
+    return True
+
+
+
 # summary ----------------------------------------------------------------------------------------
 def kendall_tau_b(x: list[float], y: list[float]) -> float | None:
     """Kendall's tau-b (ties in either ranking handled), None when one ranking is all ties."""
@@ -559,6 +637,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=parse_list(None), help="comma list of job names (see --list)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--parity-images", type=int, default=1024, help="images of the export's parity check")
+    parser.add_argument("--stop-by", type=parse_stop_by, metavar="HH:MM",
+                        help="start a job only if it is expected to finish by then (local time, or ISO)")
+    parser.add_argument("--epoch-minutes", type=float,
+                        help="with --stop-by: an epoch's length for a role none of whose epochs was timed yet")
     parser.add_argument("--list", action="store_true", help="print the jobs and their status, and exit")
     parser.add_argument("--summary", action="store_true", help="print the results of the published models, and exit")
     parser.add_argument("--json-out", type=Path, help="with --summary: write it all to this JSON")
@@ -616,6 +698,8 @@ def main() -> int:
                 console.print(f"[yellow]{job.name}: another process is running it; skipped[/yellow]")
                 continue
             if (args.models_dir / f"{job.name}.json").exists():  # finished by another process meanwhile
+                continue
+            if not fits_before(job, args, jobs):
                 continue
             try:
                 run_job(job, args, source, scores)

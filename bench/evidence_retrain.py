@@ -634,7 +634,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10, help="epochs of every role but ranking")
     parser.add_argument("--ranking-epochs", type=int, default=5, help="epochs of the ranking set's archs")
     parser.add_argument("--roles", type=parse_list(ROLES), help=f"comma list of {','.join(ROLES)} (default: all)")
-    parser.add_argument("--jobs", type=parse_list(None), help="comma list of job names (see --list)")
+    parser.add_argument("--jobs", type=parse_list(None), help="comma list of job names (see --list), run in this order")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--parity-images", type=int, default=1024, help="images of the export's parity check")
     parser.add_argument("--stop-by", type=parse_stop_by, metavar="HH:MM",
@@ -665,6 +665,8 @@ def main() -> int:
         if unknown:
             raise RetrainEvidenceError(f"no job {', '.join(unknown)} (jobs: {', '.join(j.name for j in jobs)})")
     selected = [j for j in jobs if (not args.roles or j.role in args.roles) and (not args.jobs or j.name in args.jobs)]
+    if args.jobs:  # in the order given: the first ones are the ones wanted most
+        selected.sort(key=lambda j: args.jobs.index(j.name))
 
     if args.list:
         print_jobs(selected, notes, args, scores)

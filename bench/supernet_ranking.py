@@ -40,13 +40,13 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from evidence_retrain import kendall  # noqa: E402
+from evidence_retrain import batch1_jobs, inherited_scores, kendall  # noqa: E402
 
 from glit_deploy.atomic_io import atomic_write_json  # noqa: E402
 from glit_deploy.data import make_loader  # noqa: E402
 from glit_deploy.errors import GlitError  # noqa: E402
 from glit_deploy.rundir import RunDir  # noqa: E402
-from glit_deploy.space import Arch  # noqa: E402
+from glit_deploy.space import Arch, SearchSpace, get_space  # noqa: E402
 from glit_deploy.train import evaluate_subnet, load_supernet  # noqa: E402
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -57,25 +57,15 @@ class RankingError(GlitError):
     """Inconsistent inputs (printed as one `error:` line, exit code 2)."""
 
 
-def batch1_archs(batch1: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every arch batch 1 retrains or ranks, by digest: {arch, roles, batch-1 score}."""
+def batch1_archs(batch1: dict[str, Any], space: SearchSpace) -> dict[str, dict[str, Any]]:
+    """Every arch batch 1 retrains or ranks (evidence_retrain's jobs), by digest: {arch, roles, batch-1 score}."""
+    scores = inherited_scores(batch1)
     found: dict[str, dict[str, Any]] = {}
-
-    def add(entry: dict[str, Any], role: str) -> None:
-        if entry and entry.get("digest") and entry.get("arch"):
-            item = found.setdefault(entry["digest"], {"arch": entry["arch"], "roles": [], "batch1": entry.get("top1")})
-            item["roles"].append(role)
-            if item["batch1"] is None:
-                item["batch1"] = entry.get("top1")
-
-    add((batch1.get("evolution") or {}).get("winner") or {}, "evolution")
-    add((batch1.get("random") or {}).get("winner") or {}, "random-search")
-    add((batch1.get("all-global") or {}).get("winner") or {}, "all-global")
-    scored = {e["digest"]: e for e in (batch1.get("random") or {}).get("random_archs", []) if e.get("digest")}
-    for e in (batch1.get("random") or {}).get("retrain_plan", []):
-        add({**e, "top1": scored.get(e.get("digest"), {}).get("top1", e.get("top1"))}, "random")
-    for e in (batch1.get("ranking") or {}).get("archs", []):
-        add(e, "ranking")
+    for job in batch1_jobs(batch1, space, epochs=1, ranking_epochs=1)[0]:
+        item = found.setdefault(job.arch.digest, {"arch": job.arch.to_dict(), "roles": [],
+                                                  "batch1": scores.get(job.arch.digest)})
+        if job.role not in item["roles"]:
+            item["roles"].append(job.role)
     return found
 
 
@@ -175,7 +165,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     batch1 = json.loads(args.batch1.read_text())
     settings = batch1["settings"]["search"]
-    archs = batch1_archs(batch1)
+    archs = batch1_archs(batch1, get_space(batch1["settings"]["space"]))
     previous = json.loads(args.json_out.read_text()) if args.json_out.exists() else {}
     scores: dict[str, Any] = previous.get("supernets", {})
 

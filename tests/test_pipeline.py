@@ -41,9 +41,18 @@ def test_pipeline_killed_then_rerun_completes_without_redoing_stages(tmp_path: P
     assert _done(run) == ["supernet", "latency"], _done(run)
     supernet_ckpt = (run / "supernet" / "latest.json").stat().st_mtime_ns
 
-    result = json.loads(glit(*args, "--json").stdout.strip().splitlines()[-1])
-    assert result["stages_skipped"] == ["supernet", "latency"]
-    assert result["stages_run"] == ["search", "retrain", "export", "bench"]
+    resumed = glit(*args, "--json", check=False)
+    skipped_again = []
+    if resumed.returncode == 2 and "because the search measured this arch within" in " ".join(resumed.stderr.split()):
+        # The host's load outlasted the export's re-timing (a shared CI machine): the file was refused, nothing
+        # deployed, and the user's remedy, running the pipeline again, redoes the export and nothing before it.
+        assert not (run / "export" / "model.onnx").exists() and (run / "export" / "rejected" / "model.onnx").exists()
+        assert _done(run) == ["supernet", "latency", "search", "retrain"], _done(run)
+        resumed, skipped_again = glit(*args, "--json", check=False), ["search", "retrain"]
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    result = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert result["stages_skipped"] == ["supernet", "latency", *skipped_again]
+    assert result["stages_run"] == [s for s in ("search", "retrain", "export", "bench") if s not in skipped_again]
     assert (run / "supernet" / "latest.json").stat().st_mtime_ns == supernet_ckpt, "the supernet was retrained"
     assert result["measured_ms"] <= result["budget_ms"]
     # The file handed over was timed as it is, on the target, and its upper bound is within the budget.

@@ -342,7 +342,7 @@ def export_run_onnx(run: RunDir, label: str | None = None, options: OnnxOptions 
             deployment = replace(deployment, budget=Budget.parse(options.latency_budget))
         report(f"timing the file on {deployment.target}, batch {deployment.batch_size}"
                + (f", against its budget {deployment.budget}" if deployment.budget else ""))
-        sidecar["latency"] = time_deployed_file(staged, deployment)
+        sidecar["latency"] = time_deployed_file(staged, deployment, report)
         if sidecar["latency"].get("within_budget") is False:
             sidecar["failure"] = over_budget_message(sidecar["latency"])
             _reject(out, model_bytes, optimized[0] if optimized else None, sidecar)

@@ -5,11 +5,11 @@ search's target, batch size and thread count), with the measurement every stage 
 (`glit_deploy.latency.measure`), and refuses a file whose budgeted statistic's 95 % upper bound
 is over the budget of the search that chose its arch.
 
-The search measured that arch's graph within the budget moments before; when the file then
-measures over it, two clock readings of one graph disagree, and what changed between them is the
-host's load, which comes in stretches of seconds. The file is then timed again after a pause, twice
-at most; every attempt is recorded and the last one decides. A file the search never measured
-within the budget is decided by its first measurement.
+The search measured that arch's graph within the budget; when the file then measures over it,
+two clock readings of one graph disagree, as they do when the host's load changes between them (a
+shared host's load comes in stretches of seconds). The file is then timed again after a pause,
+twice at most; every attempt is recorded and the last one decides. A file the search did not
+measure within the budget is decided by its first measurement.
 """
 
 from __future__ import annotations

@@ -292,13 +292,13 @@ def test_latency_table_and_its_cache() -> None:
     # stretch of load on a shared host falls on both (a table's own whole-model readings, FAST and one after
     # the other, once read the faster of the two 1.3x slower than the other under such load).
     image = torch.randn(1, space.in_chans, space.image_size, space.image_size)
-    clock = time_interleaved({name: target.runner(GLiT(arch, space, 10), image)
-                              for name, arch in (("largest", largest), ("smallest", smallest))}, DECISION)
-    by_name = {"largest": largest, "smallest": smallest}
-    slow, fast = sorted(by_name, key=lambda name: clock[name].median_ms, reverse=True)
+    extremes = {"largest": largest, "smallest": smallest}
+    clock = time_interleaved({name: target.runner(GLiT(arch, space, 10), image) for name, arch in extremes.items()},
+                             DECISION)
+    slow, fast = sorted(extremes, key=lambda name: clock[name].median_ms, reverse=True)
     if clock[slow].median_ms > 1.3 * clock[fast].median_ms:  # a gap well beyond the table's error
-        assert model.predict_ms(by_name[slow]) > model.predict_ms(by_name[fast]), {n: t.median_ms for n, t in
-                                                                                     clock.items()}
+        assert model.predict_ms(extremes[slow]) > model.predict_ms(extremes[fast]), {n: t.median_ms for n, t in
+                                                                                       clock.items()}
     assert model.block_range_ms(space, False) > model.block_range_ms(space, True)  # the blocks differ in time
     assert model.block_range_ms(space, True) == pytest.approx(model.predict_ms(model.fastest_arch(space)))
     assert model.block_range_ms(space, True) < model.predict_ms(smallest) or \

@@ -13,15 +13,16 @@ import pytest
 import torch
 
 from glit_deploy.errors import GlitError
-from glit_deploy.export.deployed_latency import (
-    RETIME_PAUSES_S,
-    Deployment,
-    over_budget_message,
-    timed_until_settled,
-)
+from glit_deploy.export.deployed_latency import Deployment, over_budget_message
 from glit_deploy.export.onnx import deployable_onnx, onnx_bytes
 from glit_deploy.latency import LatencyModel, Protocol, get_target, profile_latency
-from glit_deploy.latency.budget import Budget, decision_protocol, latency_record
+from glit_deploy.latency.budget import (
+    RETIME_PAUSES_S,
+    Budget,
+    decision_protocol,
+    latency_record,
+    timed_until_settled,
+)
 from glit_deploy.latency.measure import DECISION, Runner, estimate, summarise, time_interleaved, time_runs
 from glit_deploy.latency.targets import Target
 from glit_deploy.nn import extreme_arch
@@ -114,19 +115,22 @@ def test_a_deployed_file_contradicting_the_search_is_timed_again_decision_logic(
     searched = Deployment("ort-cpu", 1, 1, Budget(1.0), searched={"stat": "median", "bound_ms": 0.95})
     pauses: list[float] = []
     timings = iter([over, over, under])
-    attempts = timed_until_settled(lambda: next(timings), searched, sleep=pauses.append)
+    attempts = timed_until_settled(lambda: next(timings), searched.contradicts_search, sleep=pauses.append)
     assert attempts == [over, over, under] and pauses == list(RETIME_PAUSES_S)  # the last attempt decides
     # At most len(RETIME_PAUSES_S) + 1 attempts: a file that stays over the budget is refused.
     pauses.clear()
-    assert timed_until_settled(lambda: over, searched, sleep=pauses.append) == [over] * 3 and len(pauses) == 2
+    assert timed_until_settled(lambda: over, searched.contradicts_search, sleep=pauses.append) == [over] * 3
+    assert len(pauses) == 2
     pauses.clear()
     # Nothing to contradict: a file within its budget, a search that measured the arch over this budget (an
     # explicit --latency-budget), another statistic, no search: the first timing decides.
     for deployment in (replace(searched, searched={"stat": "median", "bound_ms": 1.05}),
                        replace(searched, searched={"stat": "p99", "bound_ms": 0.95}),
                        replace(searched, searched=None)):
-        assert timed_until_settled(lambda: over, deployment, sleep=pauses.append) == [over] and not pauses
-    assert timed_until_settled(lambda: under, searched, sleep=pauses.append) == [under] and not pauses
+        assert timed_until_settled(lambda: over, deployment.contradicts_search, sleep=pauses.append) == [over]
+        assert not pauses
+    assert timed_until_settled(lambda: under, searched.contradicts_search, sleep=pauses.append) == [under]
+    assert not pauses
     # The refusal says how often the file was timed, against what the search measured, and what to do.
     record = {"target": "ort-cpu", "batch_size": 1, "threads": 1, "searched_bound_ms": 0.95,
               **latency_record(over, searched.budget), "attempts": [latency_record(over, searched.budget)] * 3}

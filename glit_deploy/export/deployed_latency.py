@@ -8,21 +8,21 @@ is over the budget of the search that chose its arch.
 The search measured that arch's graph within the budget; when the file then measures over it,
 two clock readings of one graph disagree, as they do when the host's load changes between them (a
 shared host's load comes in stretches of seconds). The file is then timed again after a pause,
-twice at most; every attempt is recorded and the last one decides. A file the search did not
-measure within the budget is decided by its first measurement.
+twice at most (`glit_deploy.latency.budget.timed_until_settled`); every attempt is recorded and the
+last one decides. A file the search did not measure within the budget is decided by its first
+measurement.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from glit_deploy.errors import GlitError
-from glit_deploy.latency.budget import Budget, decision_protocol, latency_record
+from glit_deploy.latency.budget import Budget, decision_protocol, latency_record, timed_until_settled
 from glit_deploy.latency.measure import Timing
 from glit_deploy.latency.targets import OrtTarget, default_target_name, get_target
 from glit_deploy.rundir import RunDir
@@ -32,9 +32,6 @@ from glit_deploy.search.runner import latency_table_path
 
 class LatencyBudgetError(GlitError):
     """The deployed file measured over the budget it was searched for."""
-
-
-RETIME_PAUSES_S = (5.0, 10.0)  # the pauses before the second and third timing of a contradicted file
 
 
 @dataclass(frozen=True)
@@ -93,24 +90,6 @@ def searched_precision(run: RunDir) -> str:
     return json.loads(summary_path.read_text()).get("precision", "fp32")
 
 
-def timed_until_settled(measure: Callable[[], Timing], deployment: Deployment,
-                        report: Callable[[str], None] = lambda _: None,
-                        sleep: Callable[[float], None] = time.sleep) -> list[Timing]:
-    """Every timing of the file, in order: one, or more when a timing contradicts the search (see the
-    module docstring); the last one decides."""
-    attempts = [measure()]
-    for pause_s in RETIME_PAUSES_S:
-        if not deployment.contradicts_search(attempts[-1]):
-            break
-        report(f"the file measured {deployment.budget.bound_ms(attempts[-1]):.4f} ms (95 % bound), over the budget "
-               f"{deployment.budget} that the search measured this arch within "
-               f"({deployment.searched['bound_ms']:.4f} ms); timing it again in {pause_s:g} s, in case the "
-               f"host's load changed")
-        sleep(pause_s)
-        attempts.append(measure())
-    return attempts
-
-
 def time_deployed_file(path: Path, deployment: Deployment,
                        report: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Time the ONNX file at `path` on the deployment's target; the record `export/model.json` keeps.
@@ -129,9 +108,16 @@ def time_deployed_file(path: Path, deployment: Deployment,
         return {**base, "measured": False,
                 "reason": f"target {target.name} does not run the ONNX file as it is; time what it deploys"}
     protocol = decision_protocol([deployment.budget])
+
+    def before_retime(timing: Timing, pause_s: float) -> None:
+        report(f"the file measured {deployment.budget.bound_ms(timing):.4f} ms (95 % bound), over the budget "
+               f"{deployment.budget} that the search measured this arch within "
+               f"({deployment.searched['bound_ms']:.4f} ms); timing it again in {pause_s:g} s, in case the "
+               f"host's load changed")
+
     try:
         attempts = timed_until_settled(lambda: target.measure_file(path, deployment.batch_size, protocol),
-                                       deployment, report)
+                                       deployment.contradicts_search, before_retime)
     except RuntimeUnavailable as exc:
         return {**base, "measured": False, "reason": str(exc)}
     record = {**base, "measured": True, **latency_record(attempts[-1], deployment.budget)}

@@ -4,13 +4,20 @@
 single-request latency. A model meets a budget only when the 95 % upper confidence bound of the
 constrained statistic, as `glit_deploy.latency.measure` estimates it, is within the budget: a
 measurement too noisy to tell is a "no".
+
+A reading over the budget that another reading of the same model contradicts (the search measured
+the exported arch within it; the latency table put a search candidate within it) is taken again
+after a pause, twice at most (`timed_until_settled`): this host's load comes in stretches of seconds
+that can outlast one measurement. Every attempt is a full measurement and is recorded; the last one
+decides, so a model that stays over the budget is refused.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -99,3 +106,22 @@ def latency_record(timing: Timing, budget: Budget | None) -> dict[str, Any]:
     if budget is not None:
         record.update(budget.verdict(timing))
     return record
+
+
+RETIME_PAUSES_S = (5.0, 10.0)  # the pauses before the second and third timing of a contradicted reading
+
+
+def timed_until_settled(measure: Callable[[], Timing], contradicted: Callable[[Timing], bool],
+                        before_retime: Callable[[Timing, float], None] = lambda timing, pause_s: None,
+                        sleep: Callable[[float], None] = time.sleep) -> list[Timing]:
+    """Every timing of one model, in order: one, or more while the latest is `contradicted` (see the
+    module docstring); the last one decides. `before_retime` is told each contradicted timing and the
+    pause that follows it."""
+    attempts = [measure()]
+    for pause_s in RETIME_PAUSES_S:
+        if not contradicted(attempts[-1]):
+            break
+        before_retime(attempts[-1], pause_s)
+        sleep(pause_s)
+        attempts.append(measure())
+    return attempts

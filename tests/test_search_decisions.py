@@ -129,8 +129,10 @@ def test_a_candidate_the_table_puts_within_is_timed_again_when_read_over_decisio
     assert controlled.measured == [first["digest"]] * 2 and controlled.pauses == [RETIME_PAUSES_S[0]]
     (over, kept) = winner["latency"]["attempts"]
     assert over["bound_ms"] > budget.ms and not over["within_budget"] and kept["median_ms"] == winner["measured_ms"]
-    # Kept in the state: a resumed or repeated decision reuses the attempts and measures nothing again.
+    # Kept in the state: a repeated decision (as after a resume) reuses the attempts and measures nothing.
     assert len(search.state["measured_attempts"][first["digest"]]) == 2
+    again = search._pick_winner(budget, winner["weights"])
+    assert again["latency"]["attempts"] == winner["latency"]["attempts"] and len(controlled.measured) == 2
     # A candidate the table itself puts within the margin of the budget is not contradicted by a reading
     # over it: rejected on its first timing.
     margin = 1 - 0.99 * table.predict_ms(Arch.from_dict(first["arch"])) / budget.ms  # limit: 0.99x its prediction

@@ -414,7 +414,8 @@ class EvolutionarySearch:
                 "error": f"none of the {len(rejected)} best candidates measured within {budget}"}
 
     def _measured(self, arch: Arch, budget: Budget, limit_ms: float) -> list[Timing]:
-        """Every timing of `arch` for this budget's decision, measured once and kept in the state.
+        """Every timing of `arch` behind the winner decision, kept in the state: an arch is measured (and
+        re-timed, when contradicted) once, under the first budget that asks, and reused by the others.
 
         A median over the limit while the latency table predicts the arch within it is a contradiction
         between two readings of one graph, as a change in the host's load makes; the arch is then timed

@@ -391,13 +391,14 @@ def epoch_seconds_by_role(models_dir: Path, out: Path, jobs: list[Job]) -> dict[
     return times
 
 
-def estimated_seconds(job: Job, out: Path, epoch_times: dict[str, list[list[float]]], fallback: float | None
+def estimated_seconds(job: Job, out: Path, epoch_times: dict[str, list[list[float]]], given: float | None
                       ) -> float | None:
-    """What the job still needs: its remaining epochs at its role's epoch time (the larger of the two
-    medians, published and here: starting a job that cannot finish costs more than leaving a core idle),
-    or `fallback` seconds an epoch where the role has none; plus the export. None when nothing tells."""
+    """What the job still needs: its remaining epochs at `given` seconds an epoch when given (the user
+    knows the machine's load now), else at its role's epoch time (the larger of the two medians, published
+    and here: starting a job that cannot finish costs more than leaving a core idle); plus the export.
+    None when nothing tells."""
     medians = [statistics.median(times) for times in epoch_times.get(job.role, []) if times]
-    seconds = max(medians) if medians else fallback
+    seconds = given if given is not None else max(medians) if medians else None
     if seconds is None:
         return None
     found = saved_training(runs_root(out) / job.name / "retrain" / job.name)
@@ -640,7 +641,8 @@ def main() -> int:
     parser.add_argument("--stop-by", type=parse_stop_by, metavar="HH:MM",
                         help="start a job only if it is expected to finish by then (local time, or ISO)")
     parser.add_argument("--epoch-minutes", type=float,
-                        help="with --stop-by: an epoch's length for a role none of whose epochs was timed yet")
+                        help="with --stop-by: an epoch's length, instead of the epochs timed so far (which "
+                             "include those of a starved machine)")
     parser.add_argument("--list", action="store_true", help="print the jobs and their status, and exit")
     parser.add_argument("--summary", action="store_true", help="print the results of the published models, and exit")
     parser.add_argument("--json-out", type=Path, help="with --summary: write it all to this JSON")

@@ -110,16 +110,25 @@ def is_mixed(arch: dict[str, Any], num_heads: int) -> bool:
 
 
 def report(archs: dict[str, dict[str, Any]], scores: dict[str, Any], results: dict[tuple[str, int], list[float]],
-           ranking_epochs: int, epochs: int, num_heads: int) -> dict[str, Any]:
+           ranking_epochs: int, epochs: int, num_heads: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per supernet: its taus and which winner it puts first; and one row per arch (its scores, retrained)."""
     labels = [BATCH1_LABEL, *scores]
     inherited = {BATCH1_LABEL: {d: a["batch1"] for d, a in archs.items() if a["batch1"] is not None},
                  **{label: s["top1"] for label, s in scores.items()}}
     table = Table(title="inherited top-1 per supernet, and retrained top-1 (mean over seeds)")
-    for column in ("arch", "roles", *labels, f"retrained {ranking_epochs} ep", f"retrained {epochs} ep"):
+    for column in ("arch", "roles", "global heads", *labels, f"retrained {ranking_epochs} ep",
+                   f"retrained {epochs} ep"):
         table.add_column(column)
+    rows = []
     for digest, a in archs.items():
         short, long_ = results.get((digest, ranking_epochs)), results.get((digest, epochs))
-        table.add_row(digest[:8], ",".join(a["roles"]),
+        split = Arch.from_dict(a["arch"]).split
+        rows.append({"digest": digest, "roles": a["roles"], "split": list(split),
+                     "inherited": {lb: inherited[lb].get(digest) for lb in labels},
+                     f"retrained_{ranking_epochs}ep": statistics.fmean(short) if short else None,
+                     f"retrained_{epochs}ep": statistics.fmean(long_) if long_ else None,
+                     f"seeds_{epochs}ep": len(long_ or [])})
+        table.add_row(digest[:8], ",".join(a["roles"]), " ".join(map(str, split)),
                       *(f"{inherited[lb][digest]:.2f}" if digest in inherited[lb] else "-" for lb in labels),
                       f"{statistics.fmean(short):.2f}" if short else "-",
                       f"{statistics.fmean(long_):.2f} (n={len(long_)})" if long_ else "-")
@@ -158,7 +167,7 @@ def report(archs: dict[str, dict[str, Any]], scores: dict[str, Any], results: di
                         out.get("prefers", "-"),
                         tau(out.get("agreement with batch 1")))
     console.print(summary)
-    return per_supernet
+    return per_supernet, rows
 
 
 def main() -> int:
@@ -183,8 +192,8 @@ def main() -> int:
     def save() -> None:
         atomic_write_json(args.json_out, {"about": "bench/supernet_ranking.py", "batch1": str(args.batch1),
                                           "settings": {k: settings[k] for k in ("batch_size", "calib_batches")},
-                                          "supernets": scores, **({"report": previous["report"]}
-                                                                  if "report" in previous else {})})
+                                          "supernets": scores,
+                                          **{key: previous[key] for key in ("report", "archs") if key in previous}})
 
     for item in args.supernet:
         label, sep, path = item.partition("=")
@@ -195,8 +204,9 @@ def main() -> int:
             raise RankingError(f"{run.path} is a '{run.space().name}' supernet, batch 1's archs are "
                                f"'{batch1['settings']['space']}'")
         score_supernet(label, run, archs, settings, scores, save)
-    previous["report"] = report(archs, scores, retrained(args.models_dir.resolve()), args.ranking_epochs, args.epochs,
-                                get_space(batch1["settings"]["space"]).num_heads)
+    previous["report"], previous["archs"] = report(archs, scores, retrained(args.models_dir.resolve()),
+                                                   args.ranking_epochs, args.epochs,
+                                                   get_space(batch1["settings"]["space"]).num_heads)
     save()
     console.print(f"wrote {args.json_out}")
     return 0

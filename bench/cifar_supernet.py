@@ -67,6 +67,12 @@ def saved_state(run: RunDir) -> tuple[TrainConfig, int] | None:
     return TrainConfig.from_dict(checkpoint.state.get("config", {})), checkpoint.epoch + 1
 
 
+def sampling_rule(cfg: TrainConfig) -> str:
+    if not cfg.sandwich:
+        return "uniform one-arch"
+    return "sandwich" if cfg.distill else "sandwich (no distillation)"
+
+
 def eval_archs(seeds: list[int]) -> list[tuple[str, int | None, Arch]]:
     space = get_space("cifar")
     archs: list[tuple[str, int | None, Arch]] = [("largest", None, extreme_arch(space, True)),
@@ -84,6 +90,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--sandwich", action="store_true", help="sandwich rule instead of one uniform arch a step")
+    parser.add_argument("--no-distill", action="store_true",
+                        help="with --sandwich: every arch learns from the labels (no in-place distillation)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (TrainConfig.seed)")
     parser.add_argument("--eval-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4],
                         help="seeds of the random archs evaluated after training")
@@ -99,8 +107,8 @@ def main() -> None:
     space = get_space("cifar")
     run = RunDir(args.run)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
-                      sandwich=args.sandwich, seed=args.seed, workers=0, calib_batches=args.calib_batches,
-                      eval_every=10**9)
+                      sandwich=args.sandwich, distill=not args.no_distill, seed=args.seed, workers=0,
+                      calib_batches=args.calib_batches, eval_every=10**9)
 
     if run.exists() and run.load_meta().get("data", {}).get("spec") not in (None, args.data):
         sys.exit(f"{run.path} was trained on another dataset; choose another --run")
@@ -134,7 +142,7 @@ def main() -> None:
     epochs = epoch_records(run)
 
     timing = Table(title=f"cifar supernet training on {bundle.name} ({len(bundle.train)} train images, batch "
-                   f"{cfg.batch_size}, {'sandwich' if cfg.sandwich else 'uniform one-arch'} sampling, "
+                   f"{cfg.batch_size}, {sampling_rule(cfg)} sampling, "
                    f"{args.threads} threads)")
     for column in ("epoch", "steps", "train loss", "lr at end", "wall time"):
         timing.add_column(column, justify="right")

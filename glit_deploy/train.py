@@ -62,6 +62,9 @@ class TrainConfig:
     drop_path: float = 0.0
     sandwich: bool = False
     sandwich_random: int = 2
+    # Sandwich: the archs after the first learn from its outputs (in-place distillation) or, when False,
+    # from the labels, as the first does.
+    distill: bool = True
     seed: int = 0
     workers: int = 0
     calib_batches: int = 8
@@ -245,7 +248,8 @@ def train_stage(stage_dir: Path, space: SearchSpace, bundle: DataBundle, cfg: Tr
                     raise RuntimeError(f"ranks disagree on the arch at epoch {epoch} step {step}")
                 sync_checks += ctx.enabled
                 optimizer.zero_grad(set_to_none=True)
-                loss = _train_step(train_model, x, y, archs, criterion, distill, ctx.device, scaler)
+                loss = _train_step(train_model, x, y, archs, criterion, distill if cfg.distill else None,
+                                   ctx.device, scaler)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 if cfg.clip_grad > 0:
@@ -286,8 +290,9 @@ def train_stage(stage_dir: Path, space: SearchSpace, bundle: DataBundle, cfg: Tr
 
 
 def _train_step(model: nn.Module, x: Tensor, y: Tensor, archs: list[Arch], criterion: nn.Module,
-                distill: nn.Module, device: torch.device, scaler: torch.amp.GradScaler | None) -> float:
-    """One arch: cross-entropy. Sandwich: the largest learns from labels, the others from it."""
+                distill: nn.Module | None, device: torch.device, scaler: torch.amp.GradScaler | None) -> float:
+    """One arch: cross-entropy. Sandwich: the first (largest) learns from the labels, the others from its
+    outputs through `distill`, or from the labels too when `distill` is None. Returns the first arch's loss."""
     def backward(loss: Tensor) -> None:
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
@@ -297,10 +302,12 @@ def _train_step(model: nn.Module, x: Tensor, y: Tensor, archs: list[Arch], crite
     backward(loss)
     total = loss.item()
     if len(archs) > 1:
-        teacher = F.softmax(logits.detach().float(), dim=-1)
+        teacher = F.softmax(logits.detach().float(), dim=-1) if distill is not None else None
         for arch in archs[1:]:
             with autocast(device):
-                student_loss = distill(model(x, arch).float(), teacher)
+                student_logits = model(x, arch)
+                student_loss = criterion(student_logits, y) if teacher is None \
+                    else distill(student_logits.float(), teacher)
             backward(student_loss)
     return total
 

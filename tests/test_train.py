@@ -8,8 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from timm.loss import SoftTargetCrossEntropy
+
+from glit_deploy.nn import Supernet, extreme_arch
+from glit_deploy.space import get_space
+from glit_deploy.train import _train_step
 
 from .conftest import REPO, glit
 
@@ -34,6 +41,37 @@ def test_digits_supernet_reaches_90_percent_for_largest_and_smallest(trained_dig
     lines = (trained_digits_run / "supernet" / "metrics.jsonl").read_text().splitlines()
     metrics = [json.loads(line) for line in lines]
     assert [m["epoch"] for m in metrics] == list(range(20))
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_sandwich_step_distills_from_the_first_arch_or_learns_from_labels(distill: bool) -> None:
+    torch.manual_seed(0)
+    space = get_space("digits")
+    net = Supernet(space, num_classes=10).train()
+    archs = [extreme_arch(space, True), extreme_arch(space, False)]
+    x, y = torch.randn(16, space.in_chans, space.image_size, space.image_size), torch.randint(0, 10, (16,))
+    criterion, soft = torch.nn.CrossEntropyLoss(label_smoothing=0.1), SoftTargetCrossEntropy()
+
+    def grads() -> list[torch.Tensor]:
+        out = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+        net.zero_grad(set_to_none=True)
+        return out
+
+    first_loss = _train_step(net, x, y, archs, criterion, soft if distill else None, torch.device("cpu"), None)
+    stepped = grads()
+    logits = net(x, archs[0])
+    teacher = F.softmax(logits.detach(), dim=-1)
+    other = net(x, archs[1])
+    expected_first = criterion(logits, y)
+    (expected_first + (soft(other, teacher) if distill else criterion(other, y))).backward()
+    by_hand = grads()
+    assert abs(first_loss - expected_first.item()) < 1e-6
+    assert len(stepped) == len(by_hand)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(stepped, by_hand, strict=True))
+    # The other rule's gradient differs: the flag decides what the smaller arch learns from.
+    other = net(x, archs[1])
+    (criterion(net(x, archs[0]), y) + (criterion(other, y) if distill else soft(other, teacher))).backward()
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(stepped, grads(), strict=True))
 
 
 def test_checkpoint_is_safetensors_and_weights_only(trained_digits_run: Path) -> None:

@@ -26,6 +26,8 @@ def train_supernet_cmd(
     weight_decay: float = 0.05,
     warmup_epochs: Annotated[int, typer.Option(min=0)] = 2,
     sandwich: Annotated[bool, typer.Option(help="Sandwich rule with in-place distillation.")] = False,
+    distill: Annotated[bool, typer.Option(help="With --sandwich: the smaller archs learn from the largest's "
+                                          "outputs (--no-distill: from the labels).")] = True,
     seed: int = 0,
     workers: Annotated[int, typer.Option(min=0, help="Data-loader worker processes.")] = 0,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
@@ -45,7 +47,7 @@ def train_supernet_cmd(
     set_threads(threads)
     search_space = get_space(space)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      warmup_epochs=warmup_epochs, sandwich=sandwich, seed=seed, workers=workers,
+                      warmup_epochs=warmup_epochs, sandwich=sandwich, distill=distill, seed=seed, workers=workers,
                       eval_every=eval_every)
     result = train_supernet(RunDir(run), search_space, data, cfg, resume=resume, device=device,
                             skip_bad_images=skip_bad_images, allow_data_change=allow_data_change)

@@ -104,6 +104,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     console = Console()
 
+    if args.no_distill and not args.sandwich:
+        sys.exit("--no-distill chooses what the sandwich rule's smaller archs learn from: it needs --sandwich")
     space = get_space("cifar")
     run = RunDir(args.run)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,

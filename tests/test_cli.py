@@ -31,6 +31,7 @@ def test_space_show_and_sample(tmp_path: Path) -> None:
 def test_unknown_preset() -> None:
     _fails_cleanly("space", "show", "glit-huge", match="unknown search space 'glit-huge'")
     _fails_cleanly("train-supernet", "--run", "unused", "--space", "nope", match="unknown search space")
+    _fails_cleanly("train-supernet", "--run", "unused", "--no-distill", match="it needs --sandwich")
 
 
 def test_missing_dataset(tmp_path: Path) -> None:

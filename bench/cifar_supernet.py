@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from glit_deploy.checkpoint import load_checkpoint
+from glit_deploy.errors import GlitError
 from glit_deploy.nn import arch_cost, extreme_arch
 from glit_deploy.rundir import RunDir
 from glit_deploy.space import Arch, get_space
@@ -104,13 +105,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     console = Console()
 
-    if args.no_distill and not args.sandwich:
-        sys.exit("--no-distill chooses what the sandwich rule's smaller archs learn from: it needs --sandwich")
     space = get_space("cifar")
     run = RunDir(args.run)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
-                      sandwich=args.sandwich, distill=not args.no_distill, seed=args.seed, workers=0,
-                      calib_batches=args.calib_batches, eval_every=10**9)
+    try:
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          warmup_epochs=args.warmup_epochs, sandwich=args.sandwich, distill=not args.no_distill,
+                          seed=args.seed, workers=0, calib_batches=args.calib_batches, eval_every=10**9)
+    except GlitError as exc:
+        sys.exit(str(exc))
 
     if run.exists() and run.load_meta().get("data", {}).get("spec") not in (None, args.data):
         sys.exit(f"{run.path} was trained on another dataset; choose another --run")

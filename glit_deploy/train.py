@@ -71,6 +71,11 @@ class TrainConfig:
     eval_every: int = 1
     split: list[int] | None = None  # train only archs with this global/local split (level-2 fine-tuning)
 
+    def __post_init__(self) -> None:
+        if not self.distill and not self.sandwich:
+            raise RunError("--no-distill chooses what the sandwich rule's smaller archs learn from: "
+                           "it needs --sandwich")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}

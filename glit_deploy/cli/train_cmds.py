@@ -11,7 +11,6 @@ import typer
 from rich.table import Table
 
 from glit_deploy.cli import ArchOpt, RunOpt, app, out, set_threads, user_errors
-from glit_deploy.errors import GlitError
 
 
 @app.command("train-supernet")
@@ -45,8 +44,6 @@ def train_supernet_cmd(
     from glit_deploy.space import get_space
     from glit_deploy.train import TrainConfig, train_supernet
 
-    if not distill and not sandwich:
-        raise GlitError("--no-distill chooses what the sandwich rule's smaller archs learn from: it needs --sandwich")
     set_threads(threads)
     search_space = get_space(space)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,

@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--resume-from-existing", action="store_true",
                         help="continue (or, when complete, only evaluate) a run dir that holds a checkpoint")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="go on with a run whose recorded dataset changed since (glit's --allow-data-change)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
@@ -129,12 +131,13 @@ def main() -> None:
     started = time.perf_counter()
     if trained_now:
         console.print(f"training {run.path}: epochs {done + 1}-{cfg.epochs} of {cfg.epochs}")
-        train_supernet(run, space, args.data, cfg, resume=previous is not None, device="cpu")
+        train_supernet(run, space, args.data, cfg, resume=previous is not None, device="cpu",
+                       allow_data_change=args.allow_data_change)
     else:
         console.print(f"{run.path} already has {done} epochs: evaluating only")
     train_wall = time.perf_counter() - started
 
-    supernet, bundle = load_supernet(run)
+    supernet, bundle = load_supernet(run, allow_data_change=args.allow_data_change)
     rows = []
     for label, seed, arch in eval_archs(args.eval_seeds):
         t0 = time.perf_counter()

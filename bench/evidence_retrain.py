@@ -342,7 +342,7 @@ def run_job(job: Job, args: argparse.Namespace, source: RunDir, scores: dict[str
     check_job_dir(job, run, cfg)
     console.rule(f"{job.name}: {job.role}, seed {job.seed}, {job.epochs} epochs, arch {job.arch.digest}")
     started = time.perf_counter()
-    info = retrain(run, job.arch, job.name, cfg, resume=True, device="cpu")
+    info = retrain(run, job.arch, job.name, cfg, resume=True, device="cpu", allow_data_change=args.allow_data_change)
     retrain_seconds = time.perf_counter() - started
     console.print(f"{job.name}: exporting to ONNX (parity on up to {args.parity_images} validation images)")
     export = export_run_onnx(run, job.name, OnnxOptions(parity_images=args.parity_images), threads=args.threads,
@@ -643,6 +643,8 @@ def main() -> int:
     parser.add_argument("--epoch-minutes", type=float,
                         help="with --stop-by: an epoch's length, instead of the epochs timed so far (which "
                              "include those of a starved machine)")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="go on with runs whose recorded dataset changed since (glit's --allow-data-change)")
     parser.add_argument("--list", action="store_true", help="print the jobs and their status, and exit")
     parser.add_argument("--summary", action="store_true", help="print the results of the published models, and exit")
     parser.add_argument("--json-out", type=Path, help="with --summary: write it all to this JSON")

@@ -81,7 +81,7 @@ def retrained(models_dir: Path) -> dict[tuple[str, int], list[float]]:
 
 
 def score_supernet(label: str, run: RunDir, archs: dict[str, dict[str, Any]], settings: dict[str, Any],
-                   scores: dict[str, Any], save: Any) -> None:
+                   scores: dict[str, Any], save: Any, allow_data_change: bool = False) -> None:
     """Score every arch on the supernet of `run`, keeping each score in scores[label] as it comes."""
     done = scores.setdefault(label, {"run": str(run.path), "top1": {}})
     if done["run"] != str(run.path):
@@ -89,7 +89,7 @@ def score_supernet(label: str, run: RunDir, archs: dict[str, dict[str, Any]], se
     todo = [d for d in archs if d not in done["top1"]]
     if not todo:
         return
-    supernet, bundle = load_supernet(run, torch.device("cpu"))
+    supernet, bundle = load_supernet(run, torch.device("cpu"), allow_data_change=allow_data_change)
     space = run.space()
     val_loader = make_loader(bundle.val, settings["batch_size"], shuffle=False)
     for i, digest in enumerate(todo, 1):
@@ -179,6 +179,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10, help="the long retraining schedule")
     parser.add_argument("--ranking-epochs", type=int, default=5, help="the ranking set's schedule")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="score a supernet whose recorded dataset changed since (glit's --allow-data-change)")
     parser.add_argument("--json-out", type=Path, default=REPO / "bench" / "evidence" / "supernet-ranking.json",
                         help="scores so far (read back to resume) and the report")
     args = parser.parse_args()
@@ -203,7 +205,7 @@ def main() -> int:
         if run.space().name != batch1["settings"]["space"]:
             raise RankingError(f"{run.path} is a '{run.space().name}' supernet, batch 1's archs are "
                                f"'{batch1['settings']['space']}'")
-        score_supernet(label, run, archs, settings, scores, save)
+        score_supernet(label, run, archs, settings, scores, save, args.allow_data_change)
     previous["report"], previous["archs"] = report(archs, scores, retrained(args.models_dir.resolve()),
                                                    args.ranking_epochs, args.epochs,
                                                    get_space(batch1["settings"]["space"]).num_heads)

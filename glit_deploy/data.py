@@ -2,8 +2,10 @@
 
 Every dataset yields (float image tensor CxHxW normalised, int label) and comes with its class
 names and normalisation, which the run directory records for export and serving, and with its
-identity (absolute spec, class counts, a fingerprint of its files), which later stages compare so that
-a dataset changed under the same path is reported instead of silently used.
+identity (absolute spec, class counts, a fingerprint of its files' names, sizes and modification times,
+and for datasets up to CONTENT_DIGEST_MAX_BYTES a digest of their bytes), which later stages compare so
+that a dataset changed under the same path is reported instead of silently used, while a copy with the
+same bytes (new modification times) is recognised as the same dataset.
 
 Image folders: a class is a first-level folder of `train/` (and `val/`), holding images at any depth.
 Our own reader (not timm's, which takes leaf folders as classes and a fixed list of extensions): every
@@ -14,13 +16,14 @@ every other stage.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,8 +31,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from glit_deploy.errors import DataError
+from glit_deploy.errors import DataError, RunError
 from glit_deploy.images import ImageRejected, Normaliser, load_rgb, open_image_file, preprocess
+
+if TYPE_CHECKING:
+    from glit_deploy.rundir import RunDir
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -37,6 +43,9 @@ VAL_FRACTION = 0.1
 SPLIT_SEED = 0
 NAMED_IN_ERRORS = 3  # how many offending files an error message names
 SUMMARY_ROWS = 12  # classes listed in the loading summary before the rest are summed up
+# Datasets up to this size also record a digest of their bytes: reading them costs about a second a GB here,
+# and it tells a copy (new modification times, same bytes) from a change. Larger ones: names, sizes, mtimes.
+CONTENT_DIGEST_MAX_BYTES = 2 * 2**30
 # Formats Pillow recognises but cannot decode on its own (stub plugins, Ghostscript, no decoder): files with
 # these extensions are not taken for images.
 _UNDECODABLE_FORMATS = {"BUFR", "GRIB", "HDF5", "WMF", "EPS", "MPEG", "IPTC"}
@@ -189,9 +198,12 @@ def load_cifar10_bundle(root: Path, image_size: int = 32) -> DataBundle:
     if not files:
         raise DataError(f"CIFAR-10 folder {root} holds no train_*.npz files")
     images, labels, class_names = [], [], None
+    content = hashlib.sha256()
     for f in files:
         try:
-            with np.load(f, allow_pickle=False) as z:
+            raw = f.read_bytes()  # read once: hashed for the dataset's identity, then parsed
+            _digest_file(content, f.name, raw)
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                 images.append(z["images"])
                 labels.append(z["labels"])
                 class_names = [str(c) for c in z["class_names"]] if "class_names" in z else class_names
@@ -206,7 +218,8 @@ def load_cifar10_bundle(root: Path, image_size: int = 32) -> DataBundle:
     stats = [(f.name, f.stat()) for f in files]
     identity = {"spec": f"cifar10:{root}", "kind": "cifar10", "path": str(root),
                 "split": "10 % of each class held out",
-                "fingerprint": _fingerprint((name, st.st_size, st.st_mtime_ns) for name, st in stats)}
+                "fingerprint": _fingerprint((name, st.st_size, st.st_mtime_ns) for name, st in stats),
+                "content_sha256": content.hexdigest()}
     return _array_bundle("cifar10", x, y, names, CIFAR10_MEAN, CIFAR10_STD, image_size, flip=True, pad=4,
                          identity=identity)
 
@@ -344,6 +357,28 @@ def _fingerprint(entries: Any) -> str:
     return digest.hexdigest()[:32]
 
 
+def _digest_file(digest: Any, name: str, data: bytes) -> None:
+    """One file into a content digest: its name and length first, so that moving bytes between files or
+    renaming one changes the digest."""
+    digest.update(f"{name}\t{len(data)}\n".encode())
+    digest.update(data)
+
+
+def content_digest(root: Path, files: Iterable[FoundFile]) -> str | None:
+    """SHA-256 of the files' names and bytes (sorted by name), or None when they total more than
+    CONTENT_DIGEST_MAX_BYTES or one cannot be read (the fingerprint alone then identifies them)."""
+    files = sorted(files, key=lambda f: f.relative)
+    if sum(max(f.size, 0) for f in files) > CONTENT_DIGEST_MAX_BYTES:
+        return None
+    digest = hashlib.sha256()
+    for found in files:
+        try:
+            _digest_file(digest, found.relative, (root / found.relative).read_bytes())
+        except OSError:
+            return None
+    return digest.hexdigest()
+
+
 def undecodable_files(root: Path, files: Sequence[FoundFile], image_size: int) -> list[tuple[str, str]]:
     """(relative path, reason) of every file that does not decode the way training will decode it.
 
@@ -372,10 +407,13 @@ def load_image_folder_bundle(root: Path, image_size: int, skip_bad_images: bool 
     scans = [train_scan] + ([val_scan] if val_scan else [])
     all_files = [f for scan in scans for files in scan.classes.values() for f in files]
     fingerprint = _fingerprint((f.relative, f.size, f.mtime_ns) for f in all_files)
-    if known and known.get("fingerprint") == fingerprint and "skipped" in known:
+    unchanged = bool(known) and known.get("fingerprint") == fingerprint
+    if unchanged and "skipped" in known:
         bad = {rel: "recorded as undecodable" for rel in known["skipped"]}
     else:
         bad = dict(undecodable_files(root, all_files, image_size))
+    # unchanged files keep the recorded digest; otherwise read them again (once, as the decode check did)
+    content = known.get("content_sha256") if unchanged else content_digest(root, all_files)
     if bad and not skip_bad_images:
         names = [f"{rel} ({reason})" for rel, reason in list(bad.items())[:NAMED_IN_ERRORS]]
         raise DataError(f"{len(bad)} of {len(all_files)} image files in {root} do not decode: "
@@ -416,7 +454,8 @@ def load_image_folder_bundle(root: Path, image_size: int, skip_bad_images: bool 
         fit_paths, fit_labels = [train_paths[i] for i in train_idx], [train_labels[i] for i in train_idx]
         split = "10 % of each class of train/ held out"
     identity = {"spec": str(root), "kind": "image-folder", "path": str(root), "split": split, "counts": counts,
-                "fingerprint": fingerprint, "skip_bad_images": skip_bad_images, "skipped": sorted(bad),
+                "fingerprint": fingerprint, "content_sha256": content, "skip_bad_images": skip_bad_images,
+                "skipped": sorted(bad),
                 "other_files": sum(scan.other_files for scan in scans)}
     return DataBundle(root.name, ImageFileDataset(fit_paths, fit_labels, image_size, train_tf),
                       ImageFileDataset(val_paths, val_labels, image_size, eval_tf),
@@ -510,6 +549,26 @@ def load_recorded_data(record: dict[str, Any], image_size: int, allow_change: bo
     return bundle
 
 
+def load_run_data(run: RunDir, image_size: int, allow_change: bool = False, report: bool = False,
+                  update_record: bool = True) -> DataBundle:
+    """The dataset of a run (its run.json record), refusing one that changed since unless `allow_change`.
+
+    Every stage that reads a run's data comes here. A dataset accepted with new metadata (a copy with the
+    same bytes, or a change the user allowed) is recorded as it is now (`update_record`: false on all but
+    the main process), so that the next stage compares with what was accepted instead of refusing again."""
+    record = run.load_meta().get("data") if run.exists() else None
+    if not record or not record.get("spec"):
+        raise RunError(f"{run.meta_path} records no dataset")
+    bundle = load_recorded_data(record, image_size, allow_change, report)
+    current = {**bundle.describe(), "given": record.get("given", record["spec"])}
+    if update_record and current != record:
+        try:
+            run.update_meta(data=current)
+        except OSError:  # a read-only run: the next stage compares with the old record again, as it did before
+            pass
+    return bundle
+
+
 def dataset_changes(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], bool]:
     """What differs between a recorded dataset and the current one, and whether the classes differ
     (a model's outputs are tied to its classes: that change can never be allowed)."""
@@ -534,8 +593,16 @@ def dataset_changes(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[
             if key in recorded and recorded[key] != current.get(key):
                 changes.append(f"{key} {recorded[key]} -> {current.get(key)}")
     if not changes and recorded.get("fingerprint") and recorded["fingerprint"] != current.get("fingerprint"):
-        changes.append("the same classes and counts, but files were replaced or modified (sizes or modification "
-                       "times differ)")
+        old_bytes, new_bytes = recorded.get("content_sha256"), current.get("content_sha256")
+        if old_bytes and new_bytes:
+            if old_bytes != new_bytes:  # equal: the same bytes under new modification times (a copy)
+                changes.append("the same classes and counts, but the files' contents changed")
+        else:
+            limit_gb = CONTENT_DIGEST_MAX_BYTES // 2**30
+            why = ("this run recorded no digest of their contents" if new_bytes else
+                   f"the files total more than {limit_gb} GB, too many to compare byte by byte")
+            changes.append("the same classes and counts, but files were replaced or modified (sizes or modification "
+                           f"times differ; {why}, so a copy cannot be told from a change)")
     return changes, False
 
 

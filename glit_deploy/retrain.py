@@ -39,7 +39,7 @@ from glit_deploy.data import (
     canonical_spec,
     deit_train_transform,
     load_data,
-    load_recorded_data,
+    load_run_data,
     make_loader,
     set_train_transform,
 )
@@ -221,7 +221,8 @@ def _retrain(run: RunDir, arch: Arch, label: str, cfg: RetrainConfig, resume: bo
     if checkpoint is not None:
         _same_retraining(stage, checkpoint.state.get("arch"), checkpoint.state.get("config"), arch, cfg)
 
-    bundle = bundle or load_recorded_data(meta["data"], space.image_size, allow_data_change, report=ctx.is_main)
+    bundle = bundle or load_run_data(run, space.image_size, allow_data_change, report=ctx.is_main,
+                                     update_record=ctx.is_main)
     set_recipe_transform(bundle, cfg)
     if ctx.is_main:
         stage.mkdir(parents=True, exist_ok=True)

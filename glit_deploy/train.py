@@ -35,7 +35,7 @@ from glit_deploy.data import (
     canonical_spec,
     check_same_dataset,
     load_data,
-    load_recorded_data,
+    load_run_data,
     make_loader,
     print_summary,
 )
@@ -323,18 +323,17 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def load_supernet(run: RunDir, device: str | torch.device = "cpu", allow_data_change: bool = False
-                  ) -> tuple[Supernet, DataBundle]:
-    """The run's latest supernet weights and its dataset (as recorded in run.json, which must not have
-    changed since unless `allow_data_change`)."""
-    meta = run.load_meta()
+def load_supernet(run: RunDir, device: str | torch.device = "cpu", allow_data_change: bool = False,
+                  update_record: bool = True) -> tuple[Supernet, DataBundle]:
+    """The run's latest supernet weights and its dataset (`load_run_data`: as recorded in run.json, which
+    must not have changed since unless `allow_data_change`)."""
     space = run.space()
-    if not meta.get("data", {}).get("spec"):
+    if not (run.load_meta().get("data") or {}).get("spec"):
         raise RunError(f"{run.meta_path} records no dataset")
     checkpoint = load_checkpoint(run.supernet, with_state=False)
     if checkpoint is None:
         raise CheckpointError(f"{run.path} has no supernet checkpoint; run `glit train-supernet` first")
-    bundle = load_recorded_data(meta["data"], space.image_size, allow_change=allow_data_change)
+    bundle = load_run_data(run, space.image_size, allow_data_change, update_record=update_record)
     model = Supernet(space, bundle.num_classes)
     load_model_weights(model, checkpoint.weights, run.supernet)
     return model.to(device).eval(), bundle

@@ -135,14 +135,11 @@ def keep_best_model(run: RunDir, candidates: dict[str, str], batch_size: int = 2
     """Score each candidate (a name -> its label) by the validation top-1 of its saved weights, and make the best
     the run's deploy model; a tie keeps the earlier candidate. Every candidate is scored the same way: the run's
     validation split with the evaluation transform, in float32 (`float32_top1`)."""
-    from glit_deploy.data import load_recorded_data, make_loader
+    from glit_deploy.data import load_run_data, make_loader
 
     if not candidates:
         raise RunError("no candidate models to choose from")
-    record = run.load_meta().get("data")
-    if record is None:
-        raise RunError(f"{run.meta_path} records no dataset")
-    bundle = load_recorded_data(record, run.space().image_size)
+    bundle = load_run_data(run, run.space().image_size)
     loader = make_loader(bundle.val, batch_size, shuffle=False)
     scores: dict[str, dict[str, Any]] = {}
     for name, label in candidates.items():

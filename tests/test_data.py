@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from glit_deploy.data import load_data, stratified_split
+from glit_deploy.data import check_same_dataset, load_data, stratified_split
 from glit_deploy.errors import DataError
 
 from .conftest import CIFAR_DIR
@@ -38,6 +42,43 @@ def test_cifar10_npz_folder() -> None:
     recorded = bundle.describe()  # what run.json keeps: absolute, with counts and a fingerprint of the npz files
     assert recorded["spec"] == f"cifar10:{CIFAR_DIR.resolve()}" and recorded["counts"]["train"]["airplane"] == 5000
     assert len(recorded["fingerprint"]) == 32
+
+
+def _write_cifar_npz(folder: Path, per_class: int = 20) -> None:
+    """Two small files in the shared CIFAR-10 layout (train_N.npz: images, labels, class_names)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for n in (1, 2):
+        labels = np.repeat(np.arange(10), per_class // 2)
+        images = rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
+        np.savez(folder / f"train_{n}.npz", images=images, labels=labels,
+                 class_names=np.array([f"c{i}" for i in range(10)]))
+
+
+def test_a_copied_cifar_folder_is_the_same_dataset_and_a_changed_one_is_not(tmp_path: Path) -> None:
+    original = tmp_path / "original"
+    _write_cifar_npz(original)
+    recorded = load_data(f"cifar10:{original}", 32, report=False).describe()
+    assert len(recorded["content_sha256"]) == 64
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in original.iterdir():
+        copy.joinpath(f.name).write_bytes(f.read_bytes())  # new modification times, the same bytes
+        os.utime(copy / f.name, ns=(1, 1))
+    shutil.rmtree(original)
+    copy.rename(original)
+    current = load_data(f"cifar10:{original}", 32, report=False).describe()
+    assert current["fingerprint"] != recorded["fingerprint"]
+    check_same_dataset(recorded, current)  # no error: the bytes are the same
+
+    with np.load(original / "train_2.npz") as z:
+        arrays = dict(z)
+    arrays["images"][0, 0, 0, 0] ^= 0xFF  # one pixel, the same counts
+    np.savez(original / "train_2.npz", **arrays)
+    changed = load_data(f"cifar10:{original}", 32, report=False).describe()
+    with pytest.raises(DataError, match="same classes and counts, but the files' contents changed"):
+        check_same_dataset(recorded, changed)
+    check_same_dataset(recorded, changed, allow_change=True)  # allowed: a warning, no error
 
 
 def _write_folder(root, classes=("cat", "dog"), per_class=10, size=12) -> None:

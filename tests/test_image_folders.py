@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from glit_deploy.cli import app
-from glit_deploy.data import canonical_spec, load_data, load_recorded_data
+from glit_deploy.data import canonical_spec, load_data, load_recorded_data, load_run_data
 from glit_deploy.errors import DataError
 from glit_deploy.images import Normaliser, model_input, open_image_file
 
@@ -199,13 +199,48 @@ def test_run_records_the_dataset_absolutely_and_detects_changes(tmp_path: Path, 
     assert load_recorded_data(data, 8, allow_change=True).identity["counts"]["train"]["cat"] == 9
 
     (root / "train" / "cat" / "new" / "0.png").unlink()
-    os.utime(root / "train" / "dog" / "a.jpg", ns=(1, 1))
-    with pytest.raises(DataError, match="same classes and counts, but files were replaced or modified"):
+    touched = root / "train" / "dog" / "a.jpg"
+    os.utime(touched, ns=(1, 1))  # a copy or a restore: new modification times, the same bytes
+    assert load_recorded_data(data, 8).identity["fingerprint"] != data["fingerprint"]
+    with pytest.raises(DataError, match=r"same classes and counts, but files were replaced or modified .*"
+                                        r"this run recorded no digest of their contents"):
+        load_recorded_data({k: v for k, v in data.items() if k != "content_sha256"}, 8)  # a record from before
+    bitmap = root / "train" / "dog" / "part1" / "deeper" / "f.bmp"  # uncompressed: any pixel byte decodes
+    raw = bytearray(bitmap.read_bytes())
+    raw[-3] ^= 0xFF  # the same size, one pixel different
+    bitmap.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="same classes and counts, but the files' contents changed; restore it"):
         load_recorded_data(data, 8)
 
     save(root / "train" / "eel" / "0.png")
     with pytest.raises(DataError, match="classes added: eel; the run's models predict the recorded classes"):
         load_recorded_data(data, 8, allow_change=True)
+
+
+def test_a_run_records_its_dataset_as_accepted_so_later_stages_agree(tmp_path: Path) -> None:
+    """load_run_data, which every stage reading a run's data calls: a copy (same bytes) and an allowed
+    change are written back to run.json, so that a later stage without --allow-data-change (export's
+    int8 calibration, keep_best_model) goes on instead of refusing what the user already accepted."""
+    from glit_deploy.rundir import RunDir
+
+    root = mixed_tree(tmp_path / "ds")
+    first = record(tmp_path, root)
+    run = RunDir(tmp_path / "run")
+    os.utime(root / "train" / "cat" / "a.jpg", ns=(1, 1))  # restored from a backup: new mtime, same bytes
+    load_run_data(run, 8)
+    after_copy = run.load_meta()["data"]
+    assert after_copy["fingerprint"] != first["fingerprint"] and after_copy["content_sha256"] == first["content_sha256"]
+    assert after_copy["given"] == first["given"]
+
+    save(root / "train" / "cat" / "new" / "0.png")
+    with pytest.raises(DataError, match="cat 8 -> 9; restore it, or pass --allow-data-change"):
+        load_run_data(run, 8)
+    assert run.load_meta()["data"] == after_copy  # a refusal records nothing
+    load_run_data(run, 8, allow_change=True, update_record=False)  # not the main process: nothing written
+    assert run.load_meta()["data"] == after_copy
+    load_run_data(run, 8, allow_change=True)
+    assert run.load_meta()["data"]["counts"]["train"]["cat"] == 9
+    assert load_run_data(run, 8).identity["counts"]["train"]["cat"] == 9  # the next stage: no flag needed
 
 
 def test_skipped_files_are_recorded_and_not_decoded_again(tmp_path: Path) -> None:

@@ -374,11 +374,11 @@ def _quantize_and_gate(run: RunDir, fp32_bytes: bytes, meta: ModelMetadata, info
     """The float32 graph that passed parity -> its int8 graph, with metadata, if it passes the gate."""
     import onnx
 
-    from glit_deploy.data import load_data, load_recorded_data
+    from glit_deploy.data import load_data, load_run_data
 
     recorded = run.load_meta().get("data")
     # the run's own record (absolute path, skipped files, change detection) when the model is its own
-    bundle = (load_recorded_data(recorded, info.image_size) if recorded and recorded.get("spec") == info.data
+    bundle = (load_run_data(run, info.image_size) if recorded and recorded.get("spec") == info.data
               else load_data(info.data, info.image_size, report=False))
     report(f"int8: calibrating on {min(options.calibration_images, len(bundle.calib))} training images")
     calibration = calibration_images(bundle.calib, options.calibration_images)

@@ -96,7 +96,7 @@ def search(run: RunDir, budgets: list[Budget | float | str], target: Target, bat
 def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, batch_size: int, cfg: SearchConfig,
             resume: bool, level2_epochs: int, protocol: Protocol, calibration_models: int,
             holdout_models: int, ctx: distributed.DistContext) -> dict[str, Any]:
-    supernet, bundle = load_supernet(run, ctx.device)
+    supernet, bundle = load_supernet(run, ctx.device, update_record=ctx.is_main)
     space = supernet.space
     if cfg.fixed_split is not None:
         space.validate(space.with_split(cfg.fixed_split), source="--fixed-split")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from glit_deploy.errors import GlitError, RunError
-from glit_deploy.latency.budget import RETIME_PAUSES_S, Budget
+from glit_deploy.latency.budget import RETIME_PAUSES_S, Budget, candidate_verdict, timed_candidate
 from glit_deploy.latency.measure import Timing, estimate
 from glit_deploy.latency.table import LatencyModel, block_key
 from glit_deploy.nn.counting import arch_cost
@@ -141,6 +141,28 @@ def test_a_candidate_the_table_puts_within_is_timed_again_when_read_over_decisio
     winner = engine(tmp_path / "c", [budget], controlled, cfg=tight).run_search()["budgets"][budget.label]
     assert winner["rejected_over_budget"][0]["digest"] == first["digest"] and not controlled.pauses
     assert "attempts" not in winner["rejected_over_budget"][0]
+
+
+def test_the_candidate_rule_that_random_search_shares_keeps_the_margin_decision_logic() -> None:
+    """Decision logic under controlled timings (not a latency measurement): `candidate_verdict` and
+    `timed_candidate`, the rule the search and the evidence's random search both decide with. A bound
+    within the budget but not within the budget less the margin is a "no"."""
+    budget = Budget(2.0)
+    inside_margin_only = steady_timing(1.96)  # bound about 1.96-1.97 ms: within 2.0, over 2.0 x 0.97
+    assert budget.verdict(inside_margin_only)["within_budget"]
+    assert not candidate_verdict(inside_margin_only, budget, 0.03)["within_budget"]
+    assert candidate_verdict(inside_margin_only, budget, 0.0)["within_budget"]
+    assert candidate_verdict(steady_timing(1.90), budget, 0.03)["within_budget"]
+
+    # Predicted within the limit, read over it: timed again after each pause; the last reading decides.
+    readings = iter([steady_timing(2.5), steady_timing(2.4), steady_timing(1.9)])
+    pauses: list[float] = []
+    attempts = timed_candidate(lambda: next(readings), 1.8, budget, 0.03, sleep=pauses.append)
+    assert [round(t.median_ms, 1) for t in attempts] == [2.5, 2.4, 1.9] and pauses == list(RETIME_PAUSES_S)
+    assert candidate_verdict(attempts[-1], budget, 0.03)["within_budget"]
+    # Predicted over the limit already: a reading over it contradicts nothing and is not taken again.
+    readings = iter([steady_timing(2.5)])
+    assert len(timed_candidate(lambda: next(readings), 1.99, budget, 0.03, sleep=pauses.append)) == 1
 
 
 def test_percentile_budget_is_checked_on_the_tail_of_single_runs(tmp_path: Path) -> None:

@@ -111,6 +111,28 @@ def latency_record(timing: Timing, budget: Budget | None) -> dict[str, Any]:
 RETIME_PAUSES_S = (5.0, 10.0)  # the pauses before the second and third timing of a contradicted reading
 
 
+def candidate_verdict(timing: Timing, budget: Budget, margin: float) -> dict[str, Any]:
+    """The search's decision on a candidate's timing: the budgeted statistic's 95 % upper bound within the
+    budget less `margin` (a fraction), so that the winner keeps room for the host's drift. Any process that
+    picks archs under a budget and compares itself with the search (random search) decides with this."""
+    verdict = budget.verdict(timing)
+    verdict["within_budget"] = verdict["bound_ms"] <= budget.ms * (1 - margin)
+    return verdict
+
+
+def timed_candidate(measure: Callable[[], Timing], predicted_ms: float, budget: Budget, margin: float,
+                    before_retime: Callable[[Timing, float], None] = lambda timing, pause_s: None,
+                    sleep: Callable[[float], None] = time.sleep) -> list[Timing]:
+    """Every timing of one search candidate (`timed_until_settled`): a median bound over the limit while the
+    latency table predicts the candidate within it is a contradiction, timed again; the last decides."""
+    limit_ms = budget.ms * (1 - margin)
+
+    def contradicted(timing: Timing) -> bool:
+        return budget.stat == "median" and predicted_ms <= limit_ms < budget.bound_ms(timing)
+
+    return timed_until_settled(measure, contradicted, before_retime, sleep)
+
+
 def timed_until_settled(measure: Callable[[], Timing], contradicted: Callable[[Timing], bool],
                         before_retime: Callable[[Timing, float], None] = lambda timing, pause_s: None,
                         sleep: Callable[[float], None] = time.sleep) -> list[Timing]:

@@ -13,9 +13,10 @@ considered, with the weights each was scored under. A budget's winner is chosen 
 among the candidates scored with the weights of its last level (level 2 may fine-tune the
 supernet), taken in order of accuracy, measured end to end on the target
 (`glit_deploy.latency.measure`), and accepted only when the 95 % upper bound of the budgeted
-statistic is within the budget; one that is not is recorded as rejected and the next is measured.
+statistic is within the budget less the latency margin (`glit_deploy.latency.budget.candidate_verdict`);
+one that is not is recorded as rejected and the next is measured.
 A candidate the latency table predicts within the budget but the clock reads over it is timed
-again after a pause first (`glit_deploy.latency.budget.timed_until_settled`, as the export does).
+again after a pause first (`glit_deploy.latency.budget.timed_candidate`, as the export does).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from glit_deploy import distributed
 from glit_deploy.errors import GlitError, RunError
-from glit_deploy.latency.budget import Budget, latency_record, timed_until_settled
+from glit_deploy.latency.budget import Budget, candidate_verdict, latency_record, timed_candidate
 from glit_deploy.latency.measure import Timing
 from glit_deploy.latency.table import LatencyModel
 from glit_deploy.nn.counting import arch_cost
@@ -391,13 +392,11 @@ class EvolutionarySearch:
         the first whose budgeted statistic's upper bound is within the budget, less the margin, wins.
         """
         rejected = []
-        limit_ms = budget.ms * (1 - self.cfg.latency_margin)
         for entry in self._winner_order(budget, weights):
             arch = Arch.from_dict(entry["arch"])
-            attempts = self._measured(arch, budget, limit_ms)
+            attempts = self._measured(arch, budget)
             timing = attempts[-1]
-            verdict = budget.verdict(timing)
-            verdict["within_budget"] = verdict["bound_ms"] <= limit_ms
+            verdict = candidate_verdict(timing, budget, self.cfg.latency_margin)
             if len(attempts) > 1:
                 verdict["attempts"] = [latency_record(t, budget) for t in attempts]
             if verdict["within_budget"]:
@@ -413,21 +412,19 @@ class EvolutionarySearch:
                 "rejected_over_budget": rejected,
                 "error": f"none of the {len(rejected)} best candidates measured within {budget}"}
 
-    def _measured(self, arch: Arch, budget: Budget, limit_ms: float) -> list[Timing]:
+    def _measured(self, arch: Arch, budget: Budget) -> list[Timing]:
         """Every timing of `arch` behind the winner decision, kept in the state: an arch is measured (and
         re-timed, when contradicted) once, under the first budget that asks, and reused by the others.
 
         A median over the limit while the latency table predicts the arch within it is a contradiction
         between two readings of one graph, as a change in the host's load makes; the arch is then timed
-        again after a pause (`timed_until_settled`), and the last timing decides.
+        again after a pause (`timed_candidate`), and the last timing decides.
         """
         measured = self.state.setdefault("measured", {})
         retimed = self.state.setdefault("measured_attempts", {})
         if arch.digest not in measured:
             predicted_ms = self.latency.predict_ms(arch)
-
-            def contradicted(timing: Timing) -> bool:
-                return budget.stat == "median" and predicted_ms <= limit_ms < budget.bound_ms(timing)
+            limit_ms = budget.ms * (1 - self.cfg.latency_margin)
 
             def before_retime(timing: Timing, pause_s: float) -> None:
                 if self.ctx.is_main:
@@ -436,7 +433,8 @@ class EvolutionarySearch:
                                   f"table predicts it within ({predicted_ms:.4f} ms); timing it again in "
                                   f"{pause_s:g} s, in case the host's load changed")
 
-            attempts = timed_until_settled(lambda: self.measure_fn(arch), contradicted, before_retime, self.sleep)
+            attempts = timed_candidate(lambda: self.measure_fn(arch), predicted_ms, budget, self.cfg.latency_margin,
+                                       before_retime, self.sleep)
             measured[arch.digest] = attempts[-1].to_dict()
             if len(attempts) > 1:
                 retimed[arch.digest] = [t.to_dict() for t in attempts]

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from glit_deploy.errors import GlitError, RunError
-from glit_deploy.latency.budget import RETIME_PAUSES_S, Budget, candidate_verdict, timed_candidate
+from glit_deploy.latency.budget import (
+    RETIME_PAUSES_S,
+    Budget,
+    candidate_verdict,
+    disturbance_warning,
+    latency_record,
+    timed_candidate,
+)
 from glit_deploy.latency.measure import Timing, estimate
 from glit_deploy.latency.table import LatencyModel, block_key
 from glit_deploy.nn.counting import arch_cost
@@ -163,6 +170,20 @@ def test_the_candidate_rule_that_random_search_shares_keeps_the_margin_decision_
     # Predicted over the limit already: a reading over it contradicts nothing and is not taken again.
     readings = iter([steady_timing(2.5)])
     assert len(timed_candidate(lambda: next(readings), 1.99, budget, 0.03, sleep=pauses.append)) == 1
+
+
+def test_a_timing_mostly_left_out_as_disturbed_is_flagged_decision_logic() -> None:
+    """Controlled rounds (not a latency measurement): 3 rounds at 1.0 ms and 9 at 1.5 ms. The estimate counts
+    the fast three; the warning says so and gives the median of all runs, which `glit search` and
+    `glit export` print beside the measured latency."""
+    timing = estimate([[1.0] * 20] * 3 + [[1.5] * 20] * 9)
+    assert (timing.disturbed_rounds, timing.rounds) == (9, 12) and timing.median_ms == 1.0
+    warning = disturbance_warning(latency_record(timing, Budget(2.0)))
+    assert warning and "9 of 12 rounds" in warning and "1.0000 ms median" in warning
+    assert "all runs is 1.5000 ms" in warning
+    assert disturbance_warning(latency_record(steady_timing(1.0), None)) is None  # nothing left out: no warning
+    half = estimate([[1.0] * 20] * 6 + [[1.5] * 20] * 6)
+    assert half.disturbed_rounds == 6 and disturbance_warning(latency_record(half, None)) is None  # not a majority
 
 
 def test_percentile_budget_is_checked_on_the_tail_of_single_runs(tmp_path: Path) -> None:

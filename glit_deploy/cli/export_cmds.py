@@ -12,6 +12,7 @@ from rich.table import Table
 
 from glit_deploy.cli import RunOpt, app, err, out, user_errors
 from glit_deploy.errors import GlitError
+from glit_deploy.latency.budget import disturbance_warning
 
 FORMATS = ("onnx", "trt", "triton")
 
@@ -125,6 +126,9 @@ def _export_onnx(rundir: Any, model: str | None, opset: int, exporter: str, opti
         table.add_row("latency", latency_text(s["latency"]))
     table.add_row("sidecar", str(result.path.with_name("model.json")))
     out.print(table)
+    warning = disturbance_warning(s["latency"]) if s.get("latency", {}).get("measured") else None
+    if warning:
+        err.print(f"[yellow]warning:[/] the file's timing: {warning}", markup=True, highlight=False)
 
 
 def latency_text(record: dict[str, Any]) -> str:

@@ -109,6 +109,20 @@ def latency_record(timing: Timing, budget: Budget | None) -> dict[str, Any]:
 
 
 RETIME_PAUSES_S = (5.0, 10.0)  # the pauses before the second and third timing of a contradicted reading
+MOSTLY_DISTURBED = 0.5  # above this share of rounds left out, the estimate describes a minority of the host's time
+
+
+def disturbance_warning(record: dict[str, Any]) -> str | None:
+    """A warning when most rounds of a timing (a `latency_record`) were left out as disturbed. The estimate is
+    then the host's fast minority: on a host whose slow rounds are its usual state, not other load, a model
+    deployed there runs near the median of all runs most of the time (BENCHMARKS.md section 12)."""
+    rounds, disturbed = record.get("rounds") or 0, record.get("disturbed_rounds") or 0
+    if not rounds or disturbed <= MOSTLY_DISTURBED * rounds or record.get("all_runs_median_ms") is None:
+        return None
+    return (f"{disturbed} of {rounds} rounds ran slower than the fastest and were left out as disturbed, so the "
+            f"{record['median_ms']:.4f} ms median describes the host's fast minority; the median of all runs is "
+            f"{record['all_runs_median_ms']:.4f} ms. If nothing else was running, time it again before relying "
+            "on the budget")
 
 
 def candidate_verdict(timing: Timing, budget: Budget, margin: float) -> dict[str, Any]:

@@ -39,6 +39,13 @@ weights, budget, search sizes, seed, ...) is refused rather than mixed.
     # or some steps only (random needs the evolution's N)
     nice -n 10 /work/main/.venv/bin/python bench/evidence_cifar.py --steps random,ranking
 
+Random search's winner of a finished JSON picked again under the search's latency rule, on this host,
+without the supernet (the evaluations are the JSON's; only the end-to-end timings are taken again, the
+evolution's winner first as a reference for the host):
+
+    nice -n 0 /work/main/.venv/bin/python bench/evidence_cifar.py --repick-random bench/evidence/cifar10-batch1.json \
+        --json-out bench/evidence/cifar10-batch1-repick.json
+
 A small end-to-end check on the built-in digits space (about 35 s on one core, 21 s of it the latency
 table; at 35 % of the digits range the search may find no level-2 candidate, hence --budget):
 
@@ -54,6 +61,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -78,12 +86,14 @@ from glit_deploy.latency.budget import (
     latency_record,
     timed_candidate,
 )
-from glit_deploy.latency.measure import Timing
+from glit_deploy.latency.measure import Protocol, Timing, time_interleaved
 from glit_deploy.nn.counting import arch_cost
+from glit_deploy.nn.model import GLiT
 from glit_deploy.rundir import RunDir, atomic_write_json
+from glit_deploy.runtimes import cpu_name
 from glit_deploy.search import SearchConfig, budget_label, parse_latency
 from glit_deploy.search.runner import run_latency_model, search
-from glit_deploy.space import Arch, SearchSpace
+from glit_deploy.space import Arch, SearchSpace, get_space
 from glit_deploy.train import evaluate_subnet, load_supernet
 
 STEPS = ("evolution", "random", "ranking", "all-global")
@@ -440,6 +450,101 @@ def print_table(state: dict[str, Any]) -> None:
                   f"{evo['top1'] - rnd['top1']:+.2f} points")
 
 
+# picking random search's winner again -----------------------------------------------------------
+def repick_random(source: Path, json_out: Path, reference: bool, interleave_seconds: float) -> dict[str, Any]:
+    """Random search's winner picked again from a finished JSON under the search's rule, on this host.
+
+    Needs no supernet: the evaluations (inherited top-1, batch 1's predicted latency) are the JSON's; only
+    the end-to-end measurements are taken again, so the pick is the one the search's rule
+    (`candidate_verdict`, `timed_candidate`) makes on this host. The earlier winner and measurements are
+    kept under `earlier_winner` and `earlier_measured`. With `reference`, the evolution's winner is timed
+    first under the same rule: its reading against the JSON's tells whether this host times like the one
+    that set the budget. An interrupted re-pick goes on from `json_out`.
+    """
+    state = load_state(json_out) or load_state(source)
+    step = state.get("random") or {}
+    if not step.get("done") or not state.get("evolution", {}).get("winner"):
+        raise EvidenceError(f"{source} holds no finished evolution and random steps to pick from")
+    space = get_space(state["settings"]["space"])
+    if space.digest != state["settings"]["space_digest"]:
+        raise EvidenceError(f"the space {space.name} changed since {source} was written")
+    key = state["latency_key"]
+    target = get_target(state["settings"]["target"], state["settings"]["latency_threads"])
+    margin = state["settings"]["search"]["latency_margin"]
+    budget = state["budget_ms"]
+
+    def measure(entry: dict[str, Any]) -> dict[str, Any]:
+        return measure_within(Arch.from_dict(entry["arch"]), entry["predicted_ms"], space, key["num_classes"],
+                              target, budget, margin)
+
+    host = {"cpu": cpu_name(), "when": time.strftime("%Y-%m-%d %H:%M"), "load_before": list(os.getloadavg())}
+    if "earlier_winner" not in step:
+        step["earlier_winner"], step["earlier_measured"] = step.pop("winner"), step.pop("measured", {})
+        step["repick"] = {"from": str(source), "host": host}
+    if reference and "reference" not in step["repick"]:
+        evo = state["evolution"]["winner"]
+        step["repick"]["reference"] = {"digest": evo["digest"], "recorded_ms": evo["measured_ms"],
+                                       "latency": measure(evo)}
+        atomic_write_json(json_out, state)
+    step["winner"] = pick_winner(step, margin, measure, lambda: atomic_write_json(json_out, state),
+                                 state["settings"]["search"]["winner_candidates"])
+    step["repick"]["load_after"] = list(os.getloadavg())
+    atomic_write_json(json_out, state)
+    if interleave_seconds and "interleaved" not in step["repick"]:
+        step["repick"]["interleaved"] = time_candidates(state, space, key["num_classes"], target, interleave_seconds)
+        atomic_write_json(json_out, state)
+    return state
+
+
+def time_candidates(state: dict[str, Any], space: SearchSpace, num_classes: int, target: Target,
+                    seconds: float) -> dict[str, Any]:
+    """The evolution's winner and every random-search candidate the two picks measured, timed interleaved in one
+    run on this host (ratios to the evolution's winner): the comparison at equal latency that single timings
+    taken minutes apart cannot give."""
+    step = state["random"]
+    evo = state["evolution"]["winner"]
+    entries = {evo["digest"]: evo}
+    by_digest = {e["digest"]: e for e in step["evaluations"]}
+    for digest in (*step.get("earlier_measured", {}), *step.get("measured", {})):
+        entries.setdefault(digest, by_digest[digest])
+    image = torch.randn(1, space.in_chans, space.image_size, space.image_size)
+    runners = {d[:8]: target.runner(GLiT(Arch.from_dict(e["arch"]), space, num_classes).eval(), image)
+               for d, e in entries.items()}
+    load_before = os.getloadavg()[0]
+    timings = time_interleaved(runners, Protocol(min_seconds=seconds, max_seconds=4 * seconds))
+    reference = timings[evo["digest"][:8]].median_ms
+    return {"load_before": load_before, "load_after": os.getloadavg()[0], "min_seconds": seconds,
+            "models": {name: {"top1": entries[next(d for d in entries if d[:8] == name)]["top1"], **t.to_dict(),
+                              "ratio_to_evolution": t.median_ms / reference} for name, t in timings.items()}}
+
+
+def print_repick(state: dict[str, Any]) -> None:
+    step = state["random"]
+    budget, margin = state["budget_ms"], state["settings"]["search"]["latency_margin"]
+    out = Console(width=None if sys.stdout.isatty() else 150)
+    out.print(f"budget {budget_label(budget)}, limit {budget * (1 - margin):.4f} ms (less the {100 * margin:g} % "
+              f"margin); host {step['repick']['host']['cpu']}")
+    ref = step["repick"].get("reference")
+    if ref:
+        out.print(f"reference, the evolution's winner {ref['digest'][:8]}: recorded {ref['recorded_ms']:.4f} ms, "
+                  f"here {ref['latency']['median_ms']:.4f} ms")
+    for name, winner in (("earlier winner", step["earlier_winner"]), ("winner now", step["winner"])):
+        if winner.get("digest"):
+            out.print(f"{name}: {winner['digest'][:8]} ({heads(winner['arch'])}) {winner['top1']:.2f} %, "
+                      f"measured {winner['measured_ms']:.4f} ms, bound {winner['latency']['bound_ms']:.4f} ms")
+        else:
+            out.print(f"{name}: none ({winner.get('error')})")
+        for r in winner.get("rejected_over_budget", []):
+            out.print(f"   rejected {r['digest'][:8]} {r['top1']:.2f} %: measured {r['measured_ms']:.4f} ms, "
+                      f"predicted {r['predicted_ms']:.4f}")
+    timed = step["repick"].get("interleaved")
+    if timed:
+        out.print(f"interleaved on this host (load {timed['load_before']:.2f} -> {timed['load_after']:.2f}):")
+        for name, t in sorted(timed["models"].items(), key=lambda kv: kv[1]["ratio_to_evolution"]):
+            out.print(f"   {name} {t['top1']:.2f} %: median {t['median_ms']:.4f} ms "
+                      f"({t['ratio_to_evolution']:.3f}x the evolution's winner)")
+
+
 # main -------------------------------------------------------------------------------------------
 def parse_steps(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
@@ -477,9 +582,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=parse_steps, default=list(STEPS),
                         help=f"comma list, run in the order {','.join(STEPS)} (default: all)")
+    parser.add_argument("--repick-random", type=Path, metavar="JSON",
+                        help="pick the random step's winner of this finished JSON again under the search's rule, "
+                             "on this host, into --json-out (no supernet needed), and exit")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="with --repick-random: do not time the evolution's winner first")
+    parser.add_argument("--interleave-seconds", type=float, default=8.0,
+                        help="with --repick-random: then time every candidate measured and the evolution's winner "
+                             "interleaved for at least this long (0: not)")
     args = parser.parse_args()
     args.out, args.json_out = args.out.resolve(), args.json_out.resolve()
     torch.set_num_threads(args.threads)
+    if args.repick_random:
+        if args.json_out == args.repick_random.resolve():
+            raise EvidenceError("--json-out must be another file than --repick-random: the source stays as it was")
+        print_repick(repick_random(args.repick_random, args.json_out, not args.no_reference, args.interleave_seconds))
+        return
 
     state = load_state(args.json_out)
     source = RunDir(args.supernet_run.resolve())

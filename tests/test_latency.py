@@ -23,7 +23,15 @@ from glit_deploy.latency.budget import (
     latency_record,
     timed_until_settled,
 )
-from glit_deploy.latency.measure import DECISION, Runner, estimate, summarise, time_interleaved, time_runs
+from glit_deploy.latency.measure import (
+    DECISION,
+    Runner,
+    Timing,
+    estimate,
+    summarise,
+    time_interleaved,
+    time_runs,
+)
 from glit_deploy.latency.targets import Target
 from glit_deploy.nn import extreme_arch
 from glit_deploy.nn.layers import Block
@@ -307,15 +315,68 @@ def test_latency_table_and_its_cache() -> None:
     assert model.block_range_ms(space, True) == pytest.approx(model.predict_ms(model.fastest_arch(space)))
     assert model.block_range_ms(space, True) < model.predict_ms(smallest) or \
         model.fastest_arch(space) == smallest
-    # Same key: the cache answers and nothing is measured.
+    # Same key: the cache answers, and only one of its models is timed again to check the host.
     again_target = get_target("ort-cpu", threads=1)
     again = profile_latency(space, 10, again_target, protocol=FAST, calibration_models=4, holdout_models=4)
-    assert again.cache_hit and again_target.measurements == 0
+    assert again.cache_hit and again_target.measurements == 1  # only the host check (below)
+    assert again.host_check["agrees"] and again.host_check["table_ms"] == max(c["measured_ms"]
+                                                                             for c in model.calibration)
     assert again.block_ms == model.block_ms and again.scale == model.scale
     # Another batch size is another key.
     other = profile_latency(space, 10, get_target("ort-cpu", threads=1), batch_size=2, protocol=FAST,
                             calibration_models=2, holdout_models=2)
     assert not other.cache_hit and other.key["batch_size"] == 2
+
+
+class ScriptedTarget(Target):
+    """A target whose clock reads what the test says (controlled timings, not a latency measurement)."""
+
+    name = "ort-cpu"
+
+    def __init__(self, readings_ms: list[float]) -> None:
+        super().__init__(threads=1)
+        self.readings_ms = readings_ms
+
+    def check(self) -> None:
+        pass
+
+    def _runner(self, module: torch.nn.Module, example: torch.Tensor, calibration: np.ndarray | None) -> Runner:
+        raise AssertionError("a scripted target runs nothing")
+
+    def measure(self, module: torch.nn.Module, example: torch.Tensor, protocol: Protocol = DECISION,
+                calibration: np.ndarray | None = None) -> Timing:
+        ms = self.readings_ms[min(self.measurements, len(self.readings_ms) - 1)]
+        self.measurements += 1
+        return estimate(_controlled_rounds([ms] * 6))
+
+
+def test_a_cached_table_from_another_machine_is_measured_again_decision_logic(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hosts with one CPU name and the same vector extensions have timed the same file 1.9x apart: the
+    cache key cannot tell them apart, so a cached table is checked against one end-to-end timing. Decision
+    logic driven by controlled timings."""
+    monkeypatch.setenv("GLIT_CACHE_DIR", str(tmp_path))
+    space = get_space("digits")
+    built = profile_latency(space, 10, ScriptedTarget([1.0]), protocol=FAST, calibration_models=2, holdout_models=2)
+    assert not built.cache_hit and built.host_check is None
+    slowest = max(c["measured_ms"] for c in built.calibration)
+    assert slowest == pytest.approx(1.0, rel=0.01)
+    # The same host, a little slower today: the cache answers after one timing.
+    same = ScriptedTarget([1.3])
+    hit = profile_latency(space, 10, same, protocol=FAST, calibration_models=2, holdout_models=2)
+    assert hit.cache_hit and same.measurements == 1 and hit.host_check["ratio"] == pytest.approx(1.3, rel=0.01)
+    # One reading off (a burst of other load), the second agrees: still the cache, after two timings.
+    burst = ScriptedTarget([2.0, 1.05])
+    assert profile_latency(space, 10, burst, protocol=FAST, calibration_models=2, holdout_models=2).cache_hit
+    assert burst.measurements == 2
+    # Twice as fast, twice: another machine. The table is measured again, over the cached file.
+    other = ScriptedTarget([0.5])
+    rebuilt = profile_latency(space, 10, other, protocol=FAST, calibration_models=2, holdout_models=2)
+    assert not rebuilt.cache_hit and other.measurements > 2
+    assert not rebuilt.host_check["agrees"] and rebuilt.host_check["readings_ms"] == [pytest.approx(0.5, rel=0.01)] * 2
+    assert rebuilt.block_range_ms(space, True) < built.block_range_ms(space, True)
+    assert profile_latency(space, 10, ScriptedTarget([0.5]), protocol=FAST, calibration_models=2,
+                           holdout_models=2).cache_hit  # the new table is the cached one now
 
 
 def test_latency_cli(trained_digits_run: Path, tmp_path: Path) -> None:

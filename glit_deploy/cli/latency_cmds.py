@@ -56,8 +56,13 @@ def latency_profile_cmd(
     space = rundir.space()
     table = Table(title=f"latency model: {tgt.label}, batch {batch_size}", show_header=False)
     table.add_row("device", f"{model.key['device']} ({model.key['threads']} threads)")
-    table.add_row("table", "cache hit (nothing measured)" if model.cache_hit else
-                  f"measured in {model.build_seconds:.1f} s")
+    check = model.host_check
+    if model.cache_hit:
+        table.add_row("table", f"cache hit (one model timed again here: {check['ratio']:.2f}x the table)"
+                      if check else "cache hit (nothing measured)")
+    else:
+        table.add_row("table", f"measured in {model.build_seconds:.1f} s" + (
+            f" (the cached table read {check['ratio']:.2f}x here: another machine)" if check else ""))
     table.add_row("block configurations", str(len(model.block_ms)))
     if model.rounds:
         table.add_row("disturbed rounds", f"{model.disturbed_rounds} of {model.rounds} (left out of the estimates)")

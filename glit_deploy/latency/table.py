@@ -96,6 +96,7 @@ class LatencyModel:
     disturbed_rounds: int = 0  # rounds the host disturbed during the build (left out of the estimates) ...
     rounds: int = 0  # ... out of this many
     cache_hit: bool = False
+    host_check: dict[str, Any] | None = None  # a cached table's one model timed again here (`check_host`)
 
     # prediction -----------------------------------------------------------------------------
     def raw_ms(self, arch: Arch) -> float:
@@ -125,6 +126,7 @@ class LatencyModel:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("cache_hit")
+        data.pop("host_check")
         data["format"] = FORMAT_VERSION
         return data
 
@@ -161,6 +163,35 @@ def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# A cached table whose slowest calibration model reads this many times faster or slower here was measured on
+# another machine: hosts that share a CPU name and its vector extensions have been seen 1.9x apart (BENCHMARKS
+# section 12), far beyond a repeat measurement's noise (a few %, 1.4x at worst on a host with two speeds).
+HOST_CHECK_FACTOR = 1.5
+
+
+def check_host(model: LatencyModel, space: SearchSpace, num_classes: int, target: Target,
+               protocol: Protocol) -> dict[str, Any]:
+    """Time the slowest calibration model of a cached table again on this host and compare.
+
+    The cache key names the CPU, its vector extensions, the runtime and the protocol, but two machines
+    with the same name can differ in clock, memory or neighbours. One end-to-end timing (two when the
+    first disagrees, so that a burst of other load is not taken for another machine) tells whether the
+    table still describes this host. `agrees` is False when both readings are off by more than
+    `HOST_CHECK_FACTOR`.
+    """
+    entry = max(model.calibration, key=lambda c: c["measured_ms"])  # the slowest: the least relative noise
+    net = GLiT(Arch.from_dict(entry["arch"]), space, num_classes)
+    image = torch.randn(model.key["batch_size"], space.in_chans, space.image_size, space.image_size)
+    readings: list[float] = []
+    for _ in range(2):
+        readings.append(target.measure(net, image, protocol).median_ms)
+        ratio = readings[-1] / entry["measured_ms"]
+        if 1 / HOST_CHECK_FACTOR <= ratio <= HOST_CHECK_FACTOR:
+            break
+    return {"digest": entry["digest"], "table_ms": entry["measured_ms"], "readings_ms": readings, "ratio": ratio,
+            "agrees": 1 / HOST_CHECK_FACTOR <= ratio <= HOST_CHECK_FACTOR}
+
+
 def cache_dir() -> Path:
     root = os.environ.get("GLIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "glit-deploy")
     return Path(root) / "latency"
@@ -174,17 +205,29 @@ def _progress() -> Progress:
 def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_size: int = 1,
                     protocol: Protocol | None = None, calibration_models: int = 10, holdout_models: int = 20,
                     seed: int = 0, use_cache: bool = True) -> LatencyModel:
-    """Build (or load from the cache) the latency model of `space` on `target`."""
+    """Build (or load from the cache) the latency model of `space` on `target`.
+
+    A cached table is used only when one of its models, timed again here, agrees with it (`check_host`);
+    otherwise it was measured on another machine and is built again, over the cached file.
+    """
     protocol = protocol or TABLE
     target.check()
     key = table_key(target, space, batch_size, num_classes, protocol)
     cache_path = cache_dir() / f"{key_digest(key)}.json"
+    stale: dict[str, Any] | None = None
     if use_cache and cache_path.exists():
         cached = LatencyModel.load(cache_path)
         if cached.key == key and (cached.report is None or cached.report.models >= holdout_models) \
                 and len(cached.calibration) >= calibration_models:
-            cached.cache_hit = True
-            return cached
+            check = check_host(cached, space, num_classes, target, protocol)
+            if check["agrees"]:
+                cached.cache_hit, cached.host_check = True, check
+                return cached
+            stale = check
+            console.print(f"[yellow]the cached latency table {cache_path} does not describe this host: a model it "
+                          f"measured at {check['table_ms']:.3f} ms reads "
+                          + " then ".join(f"{ms:.3f}" for ms in check["readings_ms"])
+                          + f" ms here ({check['ratio']:.2f}x); measuring the table again[/yellow]")
 
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -228,6 +271,7 @@ def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_
     model.rounds = sum(t.rounds for t in timings)
     model.disturbed_rounds = sum(t.disturbed_rounds for t in timings)
     model.build_seconds = time.perf_counter() - started
+    model.host_check = stale  # why the cached table was not used, when one was found
     target.flush()  # e.g. TensorRT's timing cache, shared by the next table's engines
     model.save(cache_path)
     return model

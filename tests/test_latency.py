@@ -352,8 +352,8 @@ class ScriptedTarget(Target):
 
 def test_a_cached_table_from_another_machine_is_measured_again_decision_logic(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two hosts with one CPU name and the same vector extensions have timed the same file 1.9x apart: the
-    cache key cannot tell them apart, so a cached table is checked against one end-to-end timing. Decision
+    """Two hosts called `AMD EPYC` with AVX-512 have timed the same file 1.9x apart: the cache key cannot
+    tell them apart, so a cached table is checked against one end-to-end timing. Decision
     logic driven by controlled timings."""
     monkeypatch.setenv("GLIT_CACHE_DIR", str(tmp_path))
     space = get_space("digits")

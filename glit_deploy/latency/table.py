@@ -164,8 +164,8 @@ def key_digest(key: dict[str, Any]) -> str:
 
 
 # A cached table whose slowest calibration model reads this many times faster or slower here was measured on
-# another machine: hosts that share a CPU name and its vector extensions have been seen 1.9x apart (BENCHMARKS
-# section 12), far beyond a repeat measurement's noise (a few %, 1.4x at worst on a host with two speeds).
+# another machine: two hosts called `AMD EPYC` with AVX-512 timed one graph 1.9x apart (BENCHMARKS section 12),
+# far beyond a repeat measurement's noise (a few %, 1.4x at worst on a host with two speeds).
 HOST_CHECK_FACTOR = 1.5
 
 

@@ -365,15 +365,17 @@ def test_a_cached_table_from_another_machine_is_measured_again_decision_logic(
     same = ScriptedTarget([1.3])
     hit = profile_latency(space, 10, same, protocol=FAST, calibration_models=2, holdout_models=2)
     assert hit.cache_hit and same.measurements == 1 and hit.host_check["ratio"] == pytest.approx(1.3, rel=0.01)
-    # One reading off (a burst of other load), the second agrees: still the cache, after two timings.
-    burst = ScriptedTarget([2.0, 1.05])
-    assert profile_latency(space, 10, burst, protocol=FAST, calibration_models=2, holdout_models=2).cache_hit
-    assert burst.measurements == 2
-    # Twice as fast, twice: another machine. The table is measured again, over the cached file.
-    other = ScriptedTarget([0.5])
-    rebuilt = profile_latency(space, 10, other, protocol=FAST, calibration_models=2, holdout_models=2)
-    assert not rebuilt.cache_hit and other.measurements > 2
-    assert not rebuilt.host_check["agrees"] and rebuilt.host_check["readings_ms"] == [pytest.approx(0.5, rel=0.01)] * 2
+    # One reading off (a stretch of other load), the next, after a pause, agrees: still the cache.
+    burst, pauses = ScriptedTarget([2.0, 1.05]), []
+    assert profile_latency(space, 10, burst, protocol=FAST, calibration_models=2, holdout_models=2,
+                           sleep=pauses.append).cache_hit
+    assert burst.measurements == 2 and pauses == [RETIME_PAUSES_S[0]]
+    # Twice as fast at every reading: another machine. The table is measured again, over the cached file.
+    other, pauses = ScriptedTarget([0.5]), []
+    rebuilt = profile_latency(space, 10, other, protocol=FAST, calibration_models=2, holdout_models=2,
+                              sleep=pauses.append)
+    assert not rebuilt.cache_hit and other.measurements > 3 and pauses == list(RETIME_PAUSES_S)
+    assert not rebuilt.host_check["agrees"] and rebuilt.host_check["readings_ms"] == [pytest.approx(0.5, rel=0.01)] * 3
     assert rebuilt.block_range_ms(space, True) < built.block_range_ms(space, True)
     assert profile_latency(space, 10, ScriptedTarget([0.5]), protocol=FAST, calibration_models=2,
                            holdout_models=2).cache_hit  # the new table is the cached one now

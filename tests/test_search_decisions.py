@@ -150,6 +150,47 @@ def test_a_candidate_the_table_puts_within_is_timed_again_when_read_over_decisio
     assert "attempts" not in winner["rejected_over_budget"][0]
 
 
+class ReadsHigh(Controlled):
+    """Every arch reads `factor` times the latency table (controlled timings): a table low on the host today."""
+
+    def __init__(self, table: LatencyModel, factor: float) -> None:
+        super().__init__(table)
+        self.factor = factor
+
+    def measure(self, arch: Arch) -> Timing:
+        self.measured.append(arch.digest)
+        return steady_timing(self.factor * self.table.predict_ms(arch))
+
+
+def test_a_table_reading_low_leads_to_a_second_pass_over_smaller_candidates_decision_logic(tmp_path: Path) -> None:
+    """Decision logic under controlled timings (not a latency measurement): the clock reads every arch 10 %
+    over the table, so the most accurate candidates, at the budget's edge, are all rejected. The second pass
+    measures only the other candidates that the table, corrected by the clock's ratio over the rejected,
+    puts within the limit, most accurate first, and the first that measures within wins."""
+    table = made_up_table(get_space("digits"))
+    budget = Budget(budget_at(table, 0.5))
+    cfg = SearchConfig(**{**SMALL.__dict__, "population": 12, "winner_candidates": 4})
+    controlled = ReadsHigh(table, 1.10)
+    search = engine(tmp_path, [budget], controlled, cfg=cfg, sleep=lambda s: None)
+    winner = search.run_search()["budgets"][budget.label]
+    limit = budget.ms * (1 - cfg.latency_margin)
+    pool = search.candidates(budget, winner["weights"])
+    first = [e["digest"] for e in pool[:4]]
+    rejected = [r["digest"] for r in winner["rejected_over_budget"]]
+    assert rejected[:4] == first and all(e["predicted_ms"] * 1.10 > limit for e in pool[:4])
+    ratio = winner["second_pass"]["table_ratio"]
+    assert 1.10 < ratio < 1.12  # the 95 % bound over the prediction, a little above the clock's 1.10
+    # Measured next: the most accurate of the rest with prediction x ratio within the limit, none skipped.
+    eligible = [e["digest"] for e in pool[4:] if e["predicted_ms"] * ratio <= limit]
+    assert winner["digest"] == eligible[0] and rejected[4:] == []
+    assert winner["latency"]["within_budget"] and winner["latency"]["bound_ms"] <= limit
+    assert set(controlled.measured) == set(first) | {winner["digest"]}
+    # A clock that reads everything 40 % over puts nothing within: no winner, and the reason says so.
+    none = engine(tmp_path / "none", [budget], ReadsHigh(table, 1.40), cfg=cfg, sleep=lambda s: None)
+    failed = none.run_search()["budgets"][budget.label]
+    assert failed["digest"] is None and "corrected by the clock" in failed["error"]
+
+
 def test_the_candidate_rule_that_random_search_shares_keeps_the_margin_decision_logic() -> None:
     """Decision logic under controlled timings (not a latency measurement): `candidate_verdict` and
     `timed_candidate`, the rule the search and the evidence's random search both decide with. A bound

@@ -123,6 +123,16 @@ def search_cmd(
         if result.get("rejected_over_budget"):
             err.print(f"{label}: {len(result['rejected_over_budget'])} more accurate candidate(s) measured over the "
                       "budget and were rejected (search/summary.json lists them)")
+        if result.get("second_pass"):
+            ratio = result["second_pass"]["table_ratio"]
+            same_table = "".join(f" --{name} {value}" for name, value, default in
+                                 (("precision", precision, "fp32"), ("batch-size", batch_size, 1),
+                                  ("threads", threads, 0)) if value != default)
+            err.print(Text.assemble(("warning: ", "yellow"), f"{label}: the clock read the most accurate candidates "
+                                    f"{ratio:.3f}x the latency table's predictions, and the winner came from the "
+                                    "candidates measured next. If the host's load is as usual, the table is stale: "
+                                    f"`glit latency profile --run {run} --target {summary['target']}{same_table} "
+                                    "--no-cache` measures it again"), soft_wrap=True)
     out.print(table)
     out.print(f"Pareto front: {Path(run) / 'search' / 'pareto.png'}")
     if failed:

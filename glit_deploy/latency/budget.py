@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -132,6 +133,21 @@ def candidate_verdict(timing: Timing, budget: Budget, margin: float) -> dict[str
     verdict = budget.verdict(timing)
     verdict["within_budget"] = verdict["bound_ms"] <= budget.ms * (1 - margin)
     return verdict
+
+
+def table_corrected_candidates(rejected: Sequence[dict[str, Any]], remaining: Sequence[dict[str, Any]],
+                               limit_ms: float, count: int) -> tuple[float, list[dict[str, Any]]]:
+    """The second pass of a winner pick, once every one of the most accurate candidates measured over the
+    limit: the clock's ratio to the latency table over them (the median of each rejected candidate's 95 %
+    bound over its `predicted_ms`), and at most `count` of the `remaining` candidates, kept in their order
+    (most accurate first), that the table multiplied by that ratio puts within `limit_ms`.
+
+    A search pushes its candidates to the budget's edge, so a table that reads a few percent low on the
+    host today rejects all of the most accurate ones, while slightly smaller candidates would fit. The
+    ratio only chooses which candidates are measured next; each is still accepted on its own measurement.
+    """
+    ratio = statistics.median(r["bound_ms"] / r["predicted_ms"] for r in rejected)
+    return ratio, [e for e in remaining if e["predicted_ms"] * ratio <= limit_ms][:count]
 
 
 def timed_candidate(measure: Callable[[], Timing], predicted_ms: float, budget: Budget, margin: float,

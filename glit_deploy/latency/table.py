@@ -19,6 +19,7 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from glit_deploy.errors import GlitError
+from glit_deploy.latency.budget import timed_until_settled
 from glit_deploy.latency.measure import DECISION, TABLE, Protocol, Timing
 from glit_deploy.latency.targets import Target
 from glit_deploy.nn.counting import extreme_arch
@@ -169,27 +171,27 @@ def key_digest(key: dict[str, Any]) -> str:
 HOST_CHECK_FACTOR = 1.5
 
 
-def check_host(model: LatencyModel, space: SearchSpace, num_classes: int, target: Target,
-               protocol: Protocol) -> dict[str, Any]:
+def check_host(model: LatencyModel, space: SearchSpace, num_classes: int, target: Target, protocol: Protocol,
+               sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """Time the slowest calibration model of a cached table again on this host and compare.
 
     The cache key names the CPU, its vector extensions, the runtime and the protocol, but two machines
-    with the same name can differ in clock, memory or neighbours. One end-to-end timing (two when the
-    first disagrees, so that a burst of other load is not taken for another machine) tells whether the
-    table still describes this host. `agrees` is False when both readings are off by more than
-    `HOST_CHECK_FACTOR`.
+    with the same name can differ in clock, memory or neighbours. One end-to-end timing tells whether the
+    table still describes this host; one off by more than `HOST_CHECK_FACTOR` is timed again after a
+    pause (`timed_until_settled`, the project's one rule for a contradicted reading), so that a stretch
+    of other load is not taken for another machine. `agrees` is False when the last reading is still off.
     """
     entry = max(model.calibration, key=lambda c: c["measured_ms"])  # the slowest: the least relative noise
     net = GLiT(Arch.from_dict(entry["arch"]), space, num_classes)
     image = torch.randn(model.key["batch_size"], space.in_chans, space.image_size, space.image_size)
-    readings: list[float] = []
-    for _ in range(2):
-        readings.append(target.measure(net, image, protocol).median_ms)
-        ratio = readings[-1] / entry["measured_ms"]
-        if 1 / HOST_CHECK_FACTOR <= ratio <= HOST_CHECK_FACTOR:
-            break
-    return {"digest": entry["digest"], "table_ms": entry["measured_ms"], "readings_ms": readings, "ratio": ratio,
-            "agrees": 1 / HOST_CHECK_FACTOR <= ratio <= HOST_CHECK_FACTOR}
+
+    def off(timing: Timing) -> bool:
+        return not 1 / HOST_CHECK_FACTOR <= timing.median_ms / entry["measured_ms"] <= HOST_CHECK_FACTOR
+
+    attempts = timed_until_settled(lambda: target.measure(net, image, protocol), off, sleep=sleep)
+    return {"digest": entry["digest"], "table_ms": entry["measured_ms"],
+            "readings_ms": [t.median_ms for t in attempts], "ratio": attempts[-1].median_ms / entry["measured_ms"],
+            "agrees": not off(attempts[-1])}
 
 
 def cache_dir() -> Path:
@@ -204,11 +206,13 @@ def _progress() -> Progress:
 
 def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_size: int = 1,
                     protocol: Protocol | None = None, calibration_models: int = 10, holdout_models: int = 20,
-                    seed: int = 0, use_cache: bool = True) -> LatencyModel:
+                    seed: int = 0, use_cache: bool = True,
+                    sleep: Callable[[float], None] = time.sleep) -> LatencyModel:
     """Build (or load from the cache) the latency model of `space` on `target`.
 
-    A cached table is used only when one of its models, timed again here, agrees with it (`check_host`);
-    otherwise it was measured on another machine and is built again, over the cached file.
+    A cached table is used only when one of its models, timed again here, agrees with it (`check_host`,
+    which pauses with `sleep` before timing a disagreeing reading again); otherwise it was measured on
+    another machine and is built again, over the cached file.
     """
     protocol = protocol or TABLE
     target.check()
@@ -219,7 +223,7 @@ def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_
         cached = LatencyModel.load(cache_path)
         if cached.key == key and (cached.report is None or cached.report.models >= holdout_models) \
                 and len(cached.calibration) >= calibration_models:
-            check = check_host(cached, space, num_classes, target, protocol)
+            check = check_host(cached, space, num_classes, target, protocol, sleep)
             if check["agrees"]:
                 cached.cache_hit, cached.host_check = True, check
                 return cached

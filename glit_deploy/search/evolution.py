@@ -14,7 +14,9 @@ among the candidates scored with the weights of its last level (level 2 may fine
 supernet), taken in order of accuracy, measured end to end on the target
 (`glit_deploy.latency.measure`), and accepted only when the 95 % upper bound of the budgeted
 statistic is within the budget less the latency margin (`glit_deploy.latency.budget.candidate_verdict`);
-one that is not is recorded as rejected and the next is measured.
+one that is not is recorded as rejected and the next is measured. When all of the most accurate
+are rejected (the table reads low on the host today), a second pass measures the candidates that the
+table corrected by the clock's ratio to it puts within the limit (`table_corrected_candidates`).
 A candidate the latency table predicts within the budget but the clock reads over it is timed
 again after a pause first (`glit_deploy.latency.budget.timed_candidate`, as the export does).
 """
@@ -35,7 +37,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from glit_deploy import distributed
 from glit_deploy.errors import GlitError, RunError
-from glit_deploy.latency.budget import Budget, candidate_verdict, latency_record, timed_candidate
+from glit_deploy.latency.budget import (
+    Budget,
+    candidate_verdict,
+    latency_record,
+    table_corrected_candidates,
+    timed_candidate,
+)
 from glit_deploy.latency.measure import Timing
 from glit_deploy.latency.table import LatencyModel
 from glit_deploy.nn.counting import arch_cost
@@ -390,27 +398,58 @@ class EvolutionarySearch:
 
         Candidates are measured in order of accuracy (a measurement is kept per arch and reused);
         the first whose budgeted statistic's upper bound is within the budget, less the margin, wins.
+        When all of the `winner_candidates` most accurate are rejected, the rest of the pool is taken
+        in the same order, limited to those the latency table, corrected by the clock's ratio to it
+        over the rejected, puts within the limit (`table_corrected_candidates`).
         """
-        rejected = []
-        for entry in self._winner_order(budget, weights):
-            arch = Arch.from_dict(entry["arch"])
-            attempts = self._measured(arch, budget)
-            timing = attempts[-1]
-            verdict = candidate_verdict(timing, budget, self.cfg.latency_margin)
-            if len(attempts) > 1:
-                verdict["attempts"] = [latency_record(t, budget) for t in attempts]
-            if verdict["within_budget"]:
-                if self.quantized_fn is not None:
-                    entry = {**entry, "int8_top1": self._int8_top1(arch, weights)}
-                return {**entry, "measured_ms": timing.median_ms, "budget_ms": budget.ms, "budget": budget.label,
-                        "stat": budget.stat, "latency": {**latency_record(timing, budget), **verdict,
-                                                         "margin": self.cfg.latency_margin},
-                        "rejected_over_budget": rejected}
+        rejected: list[dict[str, Any]] = []
+        first = self._winner_order(budget, weights)
+        for entry in first:
+            winner = self._try_candidate(entry, budget, weights, rejected)
+            if winner is not None:
+                return winner
+        limit_ms = budget.ms * (1 - self.cfg.latency_margin)
+        tried = {e["digest"] for e in first}
+        remaining = [e for e in self.candidates(budget, weights) if e["digest"] not in tried]
+        second_pass: dict[str, Any] = {}
+        if rejected and remaining:
+            ratio, more = table_corrected_candidates(rejected, remaining, limit_ms, self.cfg.winner_candidates)
+            second_pass = {"table_ratio": ratio, "candidates": len(more)}
+            if self.ctx.is_main:
+                console.print(f"{budget}: all {len(rejected)} most accurate candidates measured over {limit_ms:.4f} "
+                              f"ms; the clock read {ratio:.3f}x the latency table's predictions for them. Measuring "
+                              f"the {len(more)} most accurate of the other {len(remaining)} that the table, multiplied "
+                              f"by {ratio:.3f}, puts within the limit")
+            for entry in more:
+                winner = self._try_candidate(entry, budget, weights, rejected)
+                if winner is not None:
+                    return {**winner, "second_pass": second_pass}
+        return {"budget_ms": budget.ms, "budget": budget.label, "stat": budget.stat, "digest": None,
+                "rejected_over_budget": rejected, **({"second_pass": second_pass} if second_pass else {}),
+                "error": f"none of the {len(rejected)} candidates measured (the most accurate, then those the "
+                         f"latency table corrected by the clock put within the limit) was within {budget} less "
+                         f"the {100 * self.cfg.latency_margin:g} % margin"}
+
+    def _try_candidate(self, entry: dict[str, Any], budget: Budget, weights: str,
+                       rejected: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """`entry`'s winner record when its measurement meets the budget less the margin; otherwise None,
+        and `entry` is added to `rejected`."""
+        arch = Arch.from_dict(entry["arch"])
+        attempts = self._measured(arch, budget)
+        timing = attempts[-1]
+        verdict = candidate_verdict(timing, budget, self.cfg.latency_margin)
+        if len(attempts) > 1:
+            verdict["attempts"] = [latency_record(t, budget) for t in attempts]
+        if not verdict["within_budget"]:
             rejected.append({"digest": arch.digest, "top1": entry["top1"], "predicted_ms": entry["predicted_ms"],
                              "measured_ms": timing.median_ms, **verdict})
-        return {"budget_ms": budget.ms, "budget": budget.label, "stat": budget.stat, "digest": None,
-                "rejected_over_budget": rejected,
-                "error": f"none of the {len(rejected)} best candidates measured within {budget}"}
+            return None
+        if self.quantized_fn is not None:
+            entry = {**entry, "int8_top1": self._int8_top1(arch, weights)}
+        return {**entry, "measured_ms": timing.median_ms, "budget_ms": budget.ms, "budget": budget.label,
+                "stat": budget.stat, "latency": {**latency_record(timing, budget), **verdict,
+                                                 "margin": self.cfg.latency_margin},
+                "rejected_over_budget": rejected}
 
     def _measured(self, arch: Arch, budget: Budget) -> list[Timing]:
         """Every timing of `arch` behind the winner decision, kept in the state: an arch is measured (and

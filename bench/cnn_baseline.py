@@ -159,13 +159,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from evidence_retrain import recipe
 
     from glit_deploy import distributed
+    from glit_deploy.atomic_io import atomic_write_json
     from glit_deploy.checkpoint import load_checkpoint
     from glit_deploy.data import load_recorded_data
     from glit_deploy.export.metadata import ModelMetadata, attach_metadata
     from glit_deploy.export.onnx import check_onnx, deployable_onnx
     from glit_deploy.export.parity import Thresholds, compare_logits, ort_runner, session_logits, torch_logits
     from glit_deploy.retrain import set_recipe_transform, train_classifier
-    from glit_deploy.rundir import RunDir, atomic_write_json
+    from glit_deploy.rundir import RunDir
     from glit_deploy.runtimes import ort_session
 
     chosen = json.loads(args.json_out.read_text())["chosen"].get(args.train)

@@ -75,6 +75,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from glit_deploy.atomic_io import atomic_write_json
 from glit_deploy.checkpoint import latest_checkpoint_dir
 from glit_deploy.data import make_loader
 from glit_deploy.errors import GlitError
@@ -90,7 +91,7 @@ from glit_deploy.latency.budget import (
 from glit_deploy.latency.measure import Protocol, Timing, time_interleaved
 from glit_deploy.nn.counting import arch_cost
 from glit_deploy.nn.model import GLiT
-from glit_deploy.rundir import RunDir, atomic_write_json
+from glit_deploy.rundir import RunDir
 from glit_deploy.runtimes import cpu_name
 from glit_deploy.search import SearchConfig, budget_label, parse_latency
 from glit_deploy.search.runner import run_latency_model, search

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from glit_deploy.atomic_io import atomic_write_json
 from glit_deploy.errors import CheckpointError
-from glit_deploy.rundir import atomic_write_json
 
 KEEP_LAST = 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glit_deploy.rundir import atomic_write
+from glit_deploy.atomic_io import atomic_write
 
 
 def plot_training_curves(metrics_path: Path, out_path: Path) -> None:

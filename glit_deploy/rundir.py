@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Stages import the atomic writes from here too: one definition, in atomic_io.
-from glit_deploy.atomic_io import atomic_write, atomic_write_json, atomic_write_text  # noqa: F401
+from glit_deploy.atomic_io import atomic_write_json
 from glit_deploy.errors import RunError
 from glit_deploy.space import SearchSpace
 

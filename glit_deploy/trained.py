@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from glit_deploy.atomic_io import atomic_write, atomic_write_json
 from glit_deploy.checkpoint import load_model_weights, load_weights
 from glit_deploy.errors import CheckpointError, RunError
-from glit_deploy.rundir import RunDir, atomic_write, atomic_write_json
+from glit_deploy.rundir import RunDir
 from glit_deploy.space import Arch, SearchSpace
 
 MODEL_FILE = "model.safetensors"

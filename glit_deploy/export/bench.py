@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from glit_deploy.atomic_io import atomic_write_text
 from glit_deploy.errors import GlitError
 from glit_deploy.latency.measure import Protocol, time_interleaved
 from glit_deploy.latency.targets import cuda_event_timer, default_threads
-from glit_deploy.rundir import RunDir, atomic_write_text
+from glit_deploy.rundir import RunDir
 from glit_deploy.runtimes import RuntimeUnavailable, cpu_name, gpu_name, import_onnxruntime, ort_session
 
 BENCH_FILE = "bench.csv"

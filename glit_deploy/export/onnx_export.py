@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from glit_deploy.atomic_io import atomic_write, atomic_write_json
 from glit_deploy.errors import CheckpointError, GlitError
 from glit_deploy.export.deployed_latency import (
     Deployment,
@@ -64,7 +65,7 @@ from glit_deploy.quant import (
     host_recipe,
     quantize_onnx,
 )
-from glit_deploy.rundir import RunDir, atomic_write, atomic_write_json
+from glit_deploy.rundir import RunDir
 from glit_deploy.runtimes import cpu_name, import_onnxruntime, ort_session
 from glit_deploy.trained import MODEL_FILE, TrainedModelInfo, load_trained_info, load_trained_model, retrain_dir
 

@@ -484,9 +484,9 @@ PRECISION_MODES = {
 def build_run_engine(run: Any, options: EngineOptions, report: Callable[[str], None] | None = None,
                      label: str | None = None) -> dict[str, Any]:
     """Build export/model.engine from the run's export/model.onnx; check parity; write the sidecar."""
+    from glit_deploy.atomic_io import atomic_write, atomic_write_json
     from glit_deploy.export.onnx_export import ONNX_FILE, REJECTED_DIR, ensure_onnx, export_dir, sha256_file
     from glit_deploy.export.parity import ParityError, compare_logits, ort_runner, session_logits, validation_images
-    from glit_deploy.rundir import atomic_write, atomic_write_json
     from glit_deploy.runtimes import ort_session
 
     # Fail first, with one line, where TensorRT, the GPU or onnxruntime (parity, fp16/int8 graphs) is missing.

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
+from glit_deploy.atomic_io import atomic_write_json
 from glit_deploy.errors import GlitError
 from glit_deploy.latency.budget import timed_until_settled
 from glit_deploy.latency.measure import DECISION, TABLE, Protocol, Timing
@@ -37,7 +38,6 @@ from glit_deploy.latency.targets import Target
 from glit_deploy.nn.counting import extreme_arch
 from glit_deploy.nn.layers import LN_EPS, Block
 from glit_deploy.nn.model import GLiT, Stem
-from glit_deploy.rundir import atomic_write_json
 from glit_deploy.space import Arch, BlockGenes, SearchSpace
 
 console = Console(stderr=True)

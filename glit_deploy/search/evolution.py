@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from glit_deploy import distributed
+from glit_deploy.atomic_io import atomic_write_json
 from glit_deploy.errors import GlitError, RunError
 from glit_deploy.latency.budget import (
     Budget,
@@ -47,7 +48,7 @@ from glit_deploy.latency.budget import (
 from glit_deploy.latency.measure import Timing
 from glit_deploy.latency.table import LatencyModel
 from glit_deploy.nn.counting import arch_cost
-from glit_deploy.rundir import RunDir, atomic_write_json
+from glit_deploy.rundir import RunDir
 from glit_deploy.space import Arch, SearchSpace
 
 console = Console(stderr=True)

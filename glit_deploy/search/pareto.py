@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from glit_deploy.rundir import atomic_write
+from glit_deploy.atomic_io import atomic_write
 
 
 def pareto_front(points: list[dict[str, Any]], latency: str = "predicted_ms", score: str = "top1"

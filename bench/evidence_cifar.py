@@ -85,7 +85,7 @@ from glit_deploy.latency.budget import (
     candidate_verdict,
     decision_protocol,
     latency_record,
-    table_corrected_candidates,
+    pick_by_measurement,
     timed_candidate,
 )
 from glit_deploy.latency.measure import Protocol, Timing, time_interleaved
@@ -289,8 +289,9 @@ def measure_within(arch: Arch, predicted_ms: float, space: SearchSpace, num_clas
     return record
 
 
-def pick_winner(step: dict[str, Any], margin: float, measure: Callable[[dict[str, Any]], dict[str, Any]],
-                save: Callable[[], None], candidates: int) -> dict[str, Any]:
+def pick_winner(step: dict[str, Any], budget_ms: float, margin: float,
+                measure: Callable[[dict[str, Any]], dict[str, Any]], save: Callable[[], None],
+                candidates: int) -> dict[str, Any]:
     """The search's rule: the most accurate evaluation whose end-to-end measurement meets the budget less the
     search's margin, with the search's second pass when all of the `candidates` most accurate are rejected
     (`table_corrected_candidates`). A measurement kept from before the margin was applied here is taken again."""
@@ -310,17 +311,10 @@ def pick_winner(step: dict[str, Any], margin: float, measure: Callable[[dict[str
         return None
 
     ranked = sorted(step["evaluations"], key=lambda e: (-e["top1"], e["predicted_ms"], e["digest"]))
-    for entry in ranked[:candidates]:
-        if (winner := attempt(entry)) is not None:
-            return winner
-    second_pass: dict[str, Any] = {}
-    if rejected and ranked[candidates:]:
-        limit_ms = measured[rejected[0]["digest"]]["budget_ms"] * (1 - margin)  # the budget the records were decided on
-        ratio, more = table_corrected_candidates(rejected, ranked[candidates:], limit_ms, candidates)
-        second_pass = {"table_ratio": ratio, "candidates": len(more)}
-        for entry in more:
-            if (winner := attempt(entry)) is not None:
-                return {**winner, "second_pass": second_pass}
+    winner, second_pass = pick_by_measurement(ranked[:candidates], ranked[candidates:], attempt, rejected,
+                                              budget_ms * (1 - margin), candidates)
+    if winner is not None:
+        return winner
     return {"digest": None, "rejected_over_budget": rejected, **({"second_pass": second_pass} if second_pass else {}),
             "error": f"none of the {len(rejected)} random archs measured (the most accurate, then those the latency "
                      "table corrected by the clock put within the limit) was within the budget less the margin"}
@@ -406,7 +400,8 @@ class Evidence:
         known = known_scores(self.state)
         score_all(step, "plan", "evaluations", self.scorer, self.save, known, "random search")
         score_all(step, "retrain_plan", "random_archs", self.scorer, self.save, known, "random arch")
-        step["winner"] = pick_winner(step, self.cfg.latency_margin, self.measure, self.save, self.cfg.winner_candidates)
+        step["winner"] = pick_winner(step, self.budget, self.cfg.latency_margin, self.measure, self.save,
+                                     self.cfg.winner_candidates)
 
     def ranking_set(self) -> None:
         step = self.state.get("ranking")
@@ -505,7 +500,7 @@ def repick_random(source: Path, json_out: Path, reference: bool, interleave_seco
         step["repick"]["reference"] = {"digest": evo["digest"], "recorded_ms": evo["measured_ms"],
                                        "latency": measure(evo)}
         atomic_write_json(json_out, state)
-    step["winner"] = pick_winner(step, margin, measure, lambda: atomic_write_json(json_out, state),
+    step["winner"] = pick_winner(step, budget, margin, measure, lambda: atomic_write_json(json_out, state),
                                  state["settings"]["search"]["winner_candidates"])
     step["repick"]["load_after"] = list(os.getloadavg())
     atomic_write_json(json_out, state)

@@ -150,6 +150,31 @@ def table_corrected_candidates(rejected: Sequence[dict[str, Any]], remaining: Se
     return ratio, [e for e in remaining if e["predicted_ms"] * ratio <= limit_ms][:count]
 
 
+def pick_by_measurement(first: Sequence[dict[str, Any]], remaining: Sequence[dict[str, Any]],
+                        attempt: Callable[[dict[str, Any]], dict[str, Any] | None], rejected: list[dict[str, Any]],
+                        limit_ms: float, count: int,
+                        announce: Callable[[float, int], None] = lambda ratio, candidates: None,
+                        ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The winner rule that the search and every process compared with it (random search) share: the
+    `first` candidates in order, then, when all were rejected, the second pass over `remaining`
+    (`table_corrected_candidates`). `attempt` measures one candidate and returns its winner record, or
+    None after adding it to `rejected` (with `bound_ms` and `predicted_ms`). Returns the winner (None
+    when none met the limit) and the second pass's record (empty when there was none); `announce` is
+    told the ratio and the number of candidates before the second pass measures them."""
+    for entry in first:
+        if (winner := attempt(entry)) is not None:
+            return winner, {}
+    if not rejected or not remaining:
+        return None, {}
+    ratio, more = table_corrected_candidates(rejected, remaining, limit_ms, count)
+    second_pass = {"table_ratio": ratio, "candidates": len(more)}
+    announce(ratio, len(more))
+    for entry in more:
+        if (winner := attempt(entry)) is not None:
+            return {**winner, "second_pass": second_pass}, second_pass
+    return None, second_pass
+
+
 def timed_candidate(measure: Callable[[], Timing], predicted_ms: float, budget: Budget, margin: float,
                     before_retime: Callable[[Timing, float], None] = lambda timing, pause_s: None,
                     sleep: Callable[[float], None] = time.sleep) -> list[Timing]:

@@ -42,7 +42,7 @@ from glit_deploy.latency.budget import (
     Budget,
     candidate_verdict,
     latency_record,
-    table_corrected_candidates,
+    pick_by_measurement,
     timed_candidate,
 )
 from glit_deploy.latency.measure import Timing
@@ -405,26 +405,22 @@ class EvolutionarySearch:
         """
         rejected: list[dict[str, Any]] = []
         first = self._winner_order(budget, weights)
-        for entry in first:
-            winner = self._try_candidate(entry, budget, weights, rejected)
-            if winner is not None:
-                return winner
         limit_ms = budget.ms * (1 - self.cfg.latency_margin)
         tried = {e["digest"] for e in first}
         remaining = [e for e in self.candidates(budget, weights) if e["digest"] not in tried]
-        second_pass: dict[str, Any] = {}
-        if rejected and remaining:
-            ratio, more = table_corrected_candidates(rejected, remaining, limit_ms, self.cfg.winner_candidates)
-            second_pass = {"table_ratio": ratio, "candidates": len(more)}
+
+        def announce(ratio: float, candidates: int) -> None:
             if self.ctx.is_main:
                 console.print(f"{budget}: all {len(rejected)} most accurate candidates measured over {limit_ms:.4f} "
                               f"ms; the clock read {ratio:.3f}x the latency table's predictions for them. Measuring "
-                              f"the {len(more)} most accurate of the other {len(remaining)} that the table, multiplied "
-                              f"by {ratio:.3f}, puts within the limit")
-            for entry in more:
-                winner = self._try_candidate(entry, budget, weights, rejected)
-                if winner is not None:
-                    return {**winner, "second_pass": second_pass}
+                              f"the {candidates} most accurate of the other {len(remaining)} that the table, "
+                              f"multiplied by {ratio:.3f}, puts within the limit")
+
+        winner, second_pass = pick_by_measurement(
+            first, remaining, lambda entry: self._try_candidate(entry, budget, weights, rejected), rejected,
+            limit_ms, self.cfg.winner_candidates, announce)
+        if winner is not None:
+            return winner
         return {"budget_ms": budget.ms, "budget": budget.label, "stat": budget.stat, "digest": None,
                 "rejected_over_budget": rejected, **({"second_pass": second_pass} if second_pass else {}),
                 "error": f"none of the {len(rejected)} candidates measured (the most accurate, then those the "

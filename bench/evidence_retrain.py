@@ -498,25 +498,33 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def remeasure(records: list[dict[str, Any]], models_dir: Path, seconds: float) -> dict[str, Any]:
-    """Every published file timed again on this host, all interleaved in one run (ort-cpu, 1 thread, batch 1):
-    a file's `measured_ms` was taken on the host and at the load of the session that published it, so only
-    this run's figures compare the models at equal latency. Ratios are to the evolution winner (seed 0)."""
+def time_files(files: dict[str, Path], seconds: float, reference: str) -> dict[str, Any]:
+    """Named ONNX files timed on this host, all interleaved in one run (ort-cpu, 1 thread, batch 1), with each
+    one's ratio to `reference`: the only figures that compare files at equal latency, since a file's own
+    `measured_ms` was taken on the host and at the load of the session that published it."""
     import os
 
     from glit_deploy.latency.measure import Protocol, time_interleaved
     from glit_deploy.runtimes import cpu_name
 
     target = get_target(TIMING_TARGET, TIMING_THREADS)
-    runners = {r["name"]: target.file_runner(models_dir / r["onnx_file"], TIMING_BATCH) for r in records}
+    runners = {name: target.file_runner(path, TIMING_BATCH) for name, path in files.items()}
     load_before = os.getloadavg()[0]
     timings = time_interleaved(runners, Protocol(min_seconds=seconds, max_seconds=4 * seconds))
-    reference = timings.get("evolution-s0")
+    base = timings.get(reference)
     out = {"host": cpu_name(), "load_before": load_before, "load_after": os.getloadavg()[0],
-           "protocol_min_seconds": seconds, "models": {}}
+           "protocol_min_seconds": seconds, "reference": reference, "models": {}}
     for name, timing in timings.items():
-        out["models"][name] = {**timing.to_dict(),
-                               "ratio_to_evolution_s0": timing.median_ms / reference.median_ms if reference else None}
+        out["models"][name] = {**timing.to_dict(), "ratio": timing.median_ms / base.median_ms if base else None}
+    return out
+
+
+def remeasure(records: list[dict[str, Any]], models_dir: Path, seconds: float) -> dict[str, Any]:
+    """Every published file of `models_dir` timed again here, interleaved; ratios to the evolution winner
+    (seed 0)."""
+    out = time_files({r["name"]: models_dir / r["onnx_file"] for r in records}, seconds, "evolution-s0")
+    for timing in out["models"].values():
+        timing["ratio_to_evolution_s0"] = timing["ratio"]
     return out
 
 

@@ -13,7 +13,9 @@ reads what was published:
   each role's mean retrained top-1, and the reference models of `--reference` (the CNN baseline and the
   all-global arch retrained with the same recipe) next to them;
 - Kendall's tau between inherited and retrained top-1 over every retrained winner: whether the supernet
-  ordered the winners the way retraining does;
+  ordered the winners the way retraining does; and over every arch retrained with the same number of
+  epochs and scored on the same supernet (`--same-supernet`: directories of earlier models whose
+  `inherited_top1` comes from that supernet; each arch once, its seeds averaged);
 - with `--remeasure S`: every winner's file and the reference files timed again here, all interleaved in
   one run, as ratios to the first seed's evolution winner (the comparison at equal latency).
 
@@ -101,6 +103,37 @@ def reference_records(directory: Path | None) -> list[dict[str, Any]]:
     return [r for r in records if r.get("role") in REFERENCE_ROLES]
 
 
+def pooled_archs(rows: list[dict[str, Any]], directories: list[Path], epochs: int) -> list[dict[str, Any]]:
+    """Every distinct arch retrained for `epochs` epochs with an inherited score: this batch's winners and the
+    models in `directories` (which the caller vouches were scored on the same supernet). An arch retrained
+    with several seeds counts once, with the mean of its retrained top-1."""
+    by_digest: dict[str, dict[str, Any]] = {}
+
+    def add(digest: str, source: str, inherited: float, retrained: float) -> None:
+        entry = by_digest.setdefault(digest, {"digest": digest, "sources": [], "inherited_top1": inherited,
+                                              "retrained": []})
+        entry["sources"].append(source)
+        entry["retrained"].append(retrained)
+
+    for row in rows:
+        for role in WINNERS:
+            entry = row[role]
+            if entry["val_top1"] is not None and entry["epochs"] == epochs:
+                add(entry["digest"], f"search seed {row['search_seed']} {role}", entry["inherited_top1"],
+                    entry["val_top1"])
+    for directory in directories:
+        for path in sorted(directory.glob("*.json")):
+            record = json.loads(path.read_text())
+            if record.get("role") in WINNERS or record.get("role") in ("all-global", "random"):
+                if record.get("inherited_top1") is not None and record.get("epochs") == epochs:
+                    add(record["digest"], f"{directory.name}/{record['name']}", record["inherited_top1"],
+                        record["val_top1"])
+    archs = list(by_digest.values())
+    for entry in archs:
+        entry["retrained_top1"] = statistics.fmean(entry["retrained"])
+    return sorted(archs, key=lambda e: -e["inherited_top1"])
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """Left: inherited against retrained top-1, the two winners of a seed joined. Right: each role's models."""
     import matplotlib
@@ -109,6 +142,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_pairs, ax_roles) = plt.subplots(1, 2, figsize=(11, 4.2))
+    earlier = [e for e in result["pooled"] if not any(src.startswith("search seed") for src in e["sources"])]
+    if earlier:
+        ax_pairs.scatter([e["inherited_top1"] for e in earlier], [e["retrained_top1"] for e in earlier],
+                         marker="x", color="0.5", zorder=2, label="earlier archs, same supernet")
     for row in result["seeds"]:
         evo, rs = row["evolution"], row["random-search"]
         if evo["val_top1"] is not None and rs["val_top1"] is not None:
@@ -121,9 +158,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
                              label=role if row is result["seeds"][0] else None)
             ax_pairs.annotate(f"s{row['search_seed']}", (entry["inherited_top1"], entry["val_top1"]),
                               textcoords="offset points", xytext=(4, 3), fontsize=8)
-    tau = result["kendall"].get("tau")
+    tau = result["kendall_pooled"].get("tau")
     ax_pairs.set(xlabel="inherited-weight top-1 on the supernet (%)", ylabel="retrained top-1 (%)",
-                 title="each seed's two winners; Kendall tau " + ("-" if tau is None else f"{tau:+.2f}"))
+                 title="each seed's two winners joined; Kendall tau, all " + ("-" if tau is None else f"{tau:+.2f}"))
     if ax_pairs.get_legend_handles_labels()[0]:
         ax_pairs.legend(loc="best", fontsize=8)
     roles = [(name, s) for name, s in result["roles"].items() if s["n"]]
@@ -177,10 +214,18 @@ def print_result(result: dict[str, Any]) -> None:
         stats.add_row(name, str(s["n"]), fmt(s["mean"], 2, " %"), fmt(s["sd"], 2),
                       " ".join(f"{v:.2f}" for v in s["values"]) or "-")
     out.print(stats)
-    k = result["kendall"]
-    p = f", p = {k['p_value']:.3g}" if k.get("p_value") is not None else ""
-    out.print(f"Kendall tau, inherited vs retrained top-1 over the {k['n']} retrained winners: "
-              + (f"{k['tau']:+.3f}{p}" if k.get("tau") is not None else "-"))
+    for key, what in (("kendall", "the retrained winners"), ("kendall_pooled", "every arch on this supernet")):
+        k = result[key]
+        p = f", p = {k['p_value']:.3g}" if k.get("p_value") is not None else ""
+        out.print(f"Kendall tau, inherited vs retrained top-1 over {what} ({k['n']}): "
+                  + (f"{k['tau']:+.3f}{p}" if k.get("tau") is not None else "-"))
+    pooled = Table(title="every arch retrained with these epochs and scored on this supernet, by inherited top-1")
+    for column in ("arch", "inherited", "retrained (mean over seeds)", "from"):
+        pooled.add_column(column)
+    for entry in result["pooled"]:
+        pooled.add_row(entry["digest"][:8], fmt(entry["inherited_top1"], 2, " %"),
+                       fmt(entry["retrained_top1"], 2, " %"), ", ".join(entry["sources"]))
+    out.print(pooled)
     if result["pending"]:
         out.print(f"not yet published: {', '.join(result['pending'])}")
     if timing:
@@ -198,6 +243,10 @@ def main() -> int:
     parser.add_argument("--retrain-seed", type=int, default=0, help="the retraining seed of the jobs read")
     parser.add_argument("--reference", type=Path, default=REPO / "bench" / "models" / "cifar10",
                         help="published models whose CNN and all-global roles are shown beside the winners")
+    parser.add_argument("--same-supernet", type=Path, nargs="*",
+                        default=[REPO / "bench" / "models" / "cifar10", REPO / "bench" / "models" / "cifar10-repick"],
+                        help="directories of earlier models scored on the same supernet, pooled into a second tau "
+                             "(default: batch 1's and its re-pick's, both on checkpoint ecddcc5d19acb1dd)")
     parser.add_argument("--remeasure", type=float, metavar="SECONDS",
                         help="time every file again here, interleaved, at least SECONDS")
     parser.add_argument("--json-out", type=Path, help="write it all to this JSON")
@@ -223,6 +272,14 @@ def main() -> int:
     tau: dict[str, Any] = {"n": len(retrained), "tau": None}
     if len(retrained) >= 2:
         tau.update(kendall([x for x, _ in retrained], [y for _, y in retrained]))
+    epochs = {row[role]["epochs"] for row in rows for role in WINNERS if row[role]["epochs"] is not None}
+    if len(epochs) > 1:
+        raise RetrainEvidenceError(f"the winners were retrained with different epochs ({sorted(epochs)}): "
+                                   "not one schedule, not comparable")
+    pooled = pooled_archs(rows, args.same_supernet, epochs.pop()) if epochs else []
+    tau_pooled: dict[str, Any] = {"n": len(pooled), "tau": None}
+    if len(pooled) >= 2:
+        tau_pooled.update(kendall([e["inherited_top1"] for e in pooled], [e["retrained_top1"] for e in pooled]))
     roles = {role: role_stats([row[role]["val_top1"] for row in rows if row[role]["val_top1"] is not None])
              for role in WINNERS}
     for role in REFERENCE_ROLES:
@@ -232,7 +289,7 @@ def main() -> int:
         "delta_inherited": paired_stats([row["delta_inherited"] for row in rows]),
         "delta_retrained": paired_stats([row["delta_retrained"] for row in rows
                                          if row["delta_retrained"] is not None]),
-        "roles": roles, "kendall": tau,
+        "roles": roles, "kendall": tau, "kendall_pooled": tau_pooled, "pooled": pooled,
         "references": [{k: r.get(k) for k in ("name", "role", "seed", "val_top1", "measured_ms", "onnx_file")}
                        for r in references],
         "pending": [f"s{row['search_seed']}/{row[role]['name']}" for row in rows for role in WINNERS

@@ -15,7 +15,8 @@ reads what was published:
 - Kendall's tau between inherited and retrained top-1 over every retrained winner: whether the supernet
   ordered the winners the way retraining does; and over every arch retrained with the same number of
   epochs and scored on the same supernet (`--same-supernet`: directories of earlier models whose
-  `inherited_top1` comes from that supernet; each arch once, its seeds averaged);
+  `inherited_top1` comes from that supernet; each arch once, its seeds averaged); and over those of them
+  within `--near-top` points of the best on the supernet, the archs a search actually chooses between;
 - with `--remeasure S`: every winner's file and the reference files timed again here, all interleaved in
   one run, as ratios to the first seed's evolution winner (the comparison at equal latency).
 
@@ -214,7 +215,9 @@ def print_result(result: dict[str, Any]) -> None:
         stats.add_row(name, str(s["n"]), fmt(s["mean"], 2, " %"), fmt(s["sd"], 2),
                       " ".join(f"{v:.2f}" for v in s["values"]) or "-")
     out.print(stats)
-    for key, what in (("kendall", "the retrained winners"), ("kendall_pooled", "every arch on this supernet")):
+    near = f"the archs within {result['kendall_near_top']['within_points']:g} points of the best on the supernet"
+    for key, what in (("kendall", "the retrained winners"), ("kendall_pooled", "every arch on this supernet"),
+                      ("kendall_near_top", near)):
         k = result[key]
         p = f", p = {k['p_value']:.3g}" if k.get("p_value") is not None else ""
         out.print(f"Kendall tau, inherited vs retrained top-1 over {what} ({k['n']}): "
@@ -247,6 +250,9 @@ def main() -> int:
                         default=[REPO / "bench" / "models" / "cifar10", REPO / "bench" / "models" / "cifar10-repick"],
                         help="directories of earlier models scored on the same supernet, pooled into a second tau "
                              "(default: batch 1's and its re-pick's, both on checkpoint ecddcc5d19acb1dd)")
+    parser.add_argument("--near-top", type=float, default=2.0, metavar="POINTS",
+                        help="a third tau over the pooled archs within POINTS of the best inherited top-1: the "
+                             "archs a search chooses between")
     parser.add_argument("--remeasure", type=float, metavar="SECONDS",
                         help="time every file again here, interleaved, at least SECONDS")
     parser.add_argument("--json-out", type=Path, help="write it all to this JSON")
@@ -280,6 +286,11 @@ def main() -> int:
     tau_pooled: dict[str, Any] = {"n": len(pooled), "tau": None}
     if len(pooled) >= 2:
         tau_pooled.update(kendall([e["inherited_top1"] for e in pooled], [e["retrained_top1"] for e in pooled]))
+    best = max((e["inherited_top1"] for e in pooled), default=0.0)
+    near = [e for e in pooled if e["inherited_top1"] >= best - args.near_top]
+    tau_near: dict[str, Any] = {"n": len(near), "tau": None, "within_points": args.near_top}
+    if len(near) >= 2:
+        tau_near.update(kendall([e["inherited_top1"] for e in near], [e["retrained_top1"] for e in near]))
     roles = {role: role_stats([row[role]["val_top1"] for row in rows if row[role]["val_top1"] is not None])
              for role in WINNERS}
     for role in REFERENCE_ROLES:
@@ -289,7 +300,8 @@ def main() -> int:
         "delta_inherited": paired_stats([row["delta_inherited"] for row in rows]),
         "delta_retrained": paired_stats([row["delta_retrained"] for row in rows
                                          if row["delta_retrained"] is not None]),
-        "roles": roles, "kendall": tau, "kendall_pooled": tau_pooled, "pooled": pooled,
+        "roles": roles, "kendall": tau, "kendall_pooled": tau_pooled,
+        "kendall_near_top": tau_near, "pooled": pooled,
         "references": [{k: r.get(k) for k in ("name", "role", "seed", "val_top1", "measured_ms", "onnx_file")}
                        for r in references],
         "pending": [f"s{row['search_seed']}/{row[role]['name']}" for row in rows for role in WINNERS

@@ -726,9 +726,14 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_script(main: Any) -> None:
+    """A bench script's entry point: a user's mistake (a GlitError) ends in one line and exit status 2."""
     try:
         sys.exit(main())
     except GlitError as exc:
         console.print(f"error: {exc}", markup=False, highlight=False)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -47,11 +47,11 @@ from evidence_retrain import (
     kendall,
     load_json,
     role_stats,
+    run_script,
     time_files,
 )
 
 from glit_deploy.atomic_io import atomic_write, atomic_write_json
-from glit_deploy.errors import GlitError
 
 WINNERS = {"evolution": "evolution", "random-search": "random"}  # role -> the step of the seed's JSON
 REFERENCE_ROLES = ("cnn", "all-global")
@@ -327,8 +327,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except GlitError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        sys.exit(2)
+    run_script(main)

@@ -41,7 +41,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from evidence_retrain import batch1_jobs, inherited_scores, kendall  # noqa: E402
+from evidence_retrain import batch1_jobs, inherited_scores, kendall, run_script  # noqa: E402
 
 from glit_deploy.atomic_io import atomic_write_json  # noqa: E402
 from glit_deploy.data import make_loader  # noqa: E402
@@ -215,8 +215,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except GlitError as exc:
-        console.print(f"error: {exc}", markup=False, highlight=False)
-        sys.exit(2)
+    run_script(main)

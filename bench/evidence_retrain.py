@@ -73,7 +73,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -522,10 +522,7 @@ def time_files(files: dict[str, Path], seconds: float, reference: str) -> dict[s
 def remeasure(records: list[dict[str, Any]], models_dir: Path, seconds: float) -> dict[str, Any]:
     """Every published file of `models_dir` timed again here, interleaved; ratios to the evolution winner
     (seed 0)."""
-    out = time_files({r["name"]: models_dir / r["onnx_file"] for r in records}, seconds, "evolution-s0")
-    for timing in out["models"].values():
-        timing["ratio_to_evolution_s0"] = timing["ratio"]
-    return out
+    return time_files({r["name"]: models_dir / r["onnx_file"] for r in records}, seconds, "evolution-s0")
 
 
 def fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
@@ -556,7 +553,7 @@ def summarize(records: list[dict[str, Any]], jobs: list[Job], scores: dict[str, 
         if timing:
             here = timing["models"].get(r["name"], {})
             row += [f"{fmt(here.get('median_ms'), 3)} ms [{fmt(here.get('ci_low_ms'), 3)}, "
-                    f"{fmt(here.get('ci_high_ms'), 3)}]", fmt(here.get("ratio_to_evolution_s0"), 2, "x")]
+                    f"{fmt(here.get('ci_high_ms'), 3)}]", fmt(here.get("ratio"), 2, "x")]
         table.add_row(*row)
     out.print(table)
 
@@ -726,7 +723,7 @@ def main() -> int:
     return 0
 
 
-def run_script(main: Any) -> None:
+def run_script(main: Callable[[], int]) -> None:
     """A bench script's entry point: a user's mistake (a GlitError) ends in one line and exit status 2."""
     try:
         sys.exit(main())

@@ -55,6 +55,7 @@ from glit_deploy.atomic_io import atomic_write, atomic_write_json
 
 WINNERS = {"evolution": "evolution", "random-search": "random"}  # role -> the step of the seed's JSON
 REFERENCE_ROLES = ("cnn", "all-global")
+POOLED_ROLES = (*WINNERS, "all-global", "random")  # GLiT archs with an inherited score, whatever chose them
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
@@ -76,8 +77,7 @@ def seed_winners(seed: int, state: dict[str, Any], models_dir: Path, retrain_see
                 raise RetrainEvidenceError(f"{sidecar} holds arch {record['digest']}, but search seed {seed}'s "
                                            f"{step} winner is {winner['digest']}: wrong --models-dir for this seed?")
             entry.update(val_top1=record["val_top1"], measured_ms=record["measured_ms"], epochs=record["epochs"],
-                         onnx=str(models_dir / record["onnx_file"]) if record.get("onnx_file") else None,
-                         split=record.get("split"))
+                         onnx=str(models_dir / record["onnx_file"]) if record.get("onnx_file") else None)
         row[role] = entry
     evo, rs = row["evolution"], row["random-search"]
     row["delta_inherited"] = evo["inherited_top1"] - rs["inherited_top1"]
@@ -125,9 +125,9 @@ def pooled_archs(rows: list[dict[str, Any]], directories: list[Path], epochs: in
     for directory in directories:
         for path in sorted(directory.glob("*.json")):
             record = json.loads(path.read_text())
-            if record.get("role") in WINNERS or record.get("role") in ("all-global", "random"):
-                if record.get("inherited_top1") is not None and record.get("epochs") == epochs:
-                    add(record["digest"], f"{directory.name}/{record['name']}", record["inherited_top1"],
+            if (record.get("role") in POOLED_ROLES and record.get("inherited_top1") is not None
+                    and record.get("epochs") == epochs):
+                add(record["digest"], f"{directory.name}/{record['name']}", record["inherited_top1"],
                         record["val_top1"])
     archs = list(by_digest.values())
     for entry in archs:

@@ -32,6 +32,7 @@ from glit_deploy.latency.measure import (
     time_interleaved,
     time_runs,
 )
+from glit_deploy.latency.table import HOST_CHECK_MODELS
 from glit_deploy.latency.targets import Target
 from glit_deploy.nn import extreme_arch
 from glit_deploy.nn.layers import Block
@@ -315,12 +316,12 @@ def test_latency_table_and_its_cache() -> None:
     assert model.block_range_ms(space, True) == pytest.approx(model.predict_ms(model.fastest_arch(space)))
     assert model.block_range_ms(space, True) < model.predict_ms(smallest) or \
         model.fastest_arch(space) == smallest
-    # Same key: the cache answers, and only one of its models is timed again to check the host.
+    # Same key: the cache answers, and only a few of its models are timed again to check the host.
     again_target = get_target("ort-cpu", threads=1)
     again = profile_latency(space, 10, again_target, protocol=FAST, calibration_models=4, holdout_models=4)
-    assert again.cache_hit and again_target.measurements == 1  # only the host check (below)
-    assert again.host_check["agrees"] and again.host_check["table_ms"] == max(c["measured_ms"]
-                                                                             for c in model.calibration)
+    assert again.cache_hit and again_target.measurements == HOST_CHECK_MODELS  # only the host check (below)
+    by_parts = sorted(model.calibration, key=lambda c: c["raw_ms"], reverse=True)[:HOST_CHECK_MODELS]
+    assert again.host_check["agrees"] and again.host_check["table_ms"] == [c["measured_ms"] for c in by_parts]
     assert again.block_ms == model.block_ms and again.scale == model.scale
     # Another batch size is another key.
     other = profile_latency(space, 10, get_target("ort-cpu", threads=1), batch_size=2, protocol=FAST,
@@ -336,6 +337,7 @@ class ScriptedTarget(Target):
     def __init__(self, readings_ms: list[float]) -> None:
         super().__init__(threads=1)
         self.readings_ms = readings_ms
+        self.side_by_side_calls = 0
 
     def check(self) -> None:
         pass
@@ -349,6 +351,14 @@ class ScriptedTarget(Target):
         self.measurements += 1
         return estimate(_controlled_rounds([ms] * 6))
 
+    def measure_side_by_side(self, modules: dict[str, torch.nn.Module], example: torch.Tensor,
+                             protocol: Protocol = DECISION) -> dict[str, Timing]:
+        """Every module of one side-by-side call reads the call's scripted value."""
+        ms = self.readings_ms[min(self.side_by_side_calls, len(self.readings_ms) - 1)]
+        self.side_by_side_calls += 1
+        self.measurements += len(modules)
+        return {name: estimate(_controlled_rounds([ms] * 6)) for name in modules}
+
 
 def test_a_cached_table_from_another_machine_is_measured_again_decision_logic(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,24 +371,56 @@ def test_a_cached_table_from_another_machine_is_measured_again_decision_logic(
     assert not built.cache_hit and built.host_check is None
     slowest = max(c["measured_ms"] for c in built.calibration)
     assert slowest == pytest.approx(1.0, rel=0.01)
-    # The same host, a little slower today: the cache answers after one timing.
+    # The same host, a little slower today: the cache answers after one side-by-side timing of a few models.
     same = ScriptedTarget([1.3])
     hit = profile_latency(space, 10, same, protocol=FAST, calibration_models=2, holdout_models=2)
-    assert hit.cache_hit and same.measurements == 1 and hit.host_check["ratio"] == pytest.approx(1.3, rel=0.01)
+    assert hit.cache_hit and same.side_by_side_calls == 1 and same.measurements == HOST_CHECK_MODELS
+    assert hit.host_check["ratio"] == pytest.approx(1.3, rel=0.01)
     # One reading off (a stretch of other load), the next, after a pause, agrees: still the cache.
     burst, pauses = ScriptedTarget([2.0, 1.05]), []
     assert profile_latency(space, 10, burst, protocol=FAST, calibration_models=2, holdout_models=2,
                            sleep=pauses.append).cache_hit
-    assert burst.measurements == 2 and pauses == [RETIME_PAUSES_S[0]]
+    assert burst.side_by_side_calls == 2 and pauses == [RETIME_PAUSES_S[0]]
     # Twice as fast at every reading: another machine. The table is measured again, over the cached file.
     other, pauses = ScriptedTarget([0.5]), []
     rebuilt = profile_latency(space, 10, other, protocol=FAST, calibration_models=2, holdout_models=2,
                               sleep=pauses.append)
-    assert not rebuilt.cache_hit and other.measurements > 3 and pauses == list(RETIME_PAUSES_S)
-    assert not rebuilt.host_check["agrees"] and rebuilt.host_check["readings_ms"] == [pytest.approx(0.5, rel=0.01)] * 3
+    assert not rebuilt.cache_hit and other.measurements > 3 * HOST_CHECK_MODELS and pauses == list(RETIME_PAUSES_S)
+    assert not rebuilt.host_check["agrees"]
+    assert rebuilt.host_check["readings_ms"] == [[pytest.approx(0.5, rel=0.01)] * HOST_CHECK_MODELS] * 3
     assert rebuilt.block_range_ms(space, True) < built.block_range_ms(space, True)
     assert profile_latency(space, 10, ScriptedTarget([0.5]), protocol=FAST, calibration_models=2,
                            holdout_models=2).cache_hit  # the new table is the cached one now
+
+
+def test_one_cached_entry_taken_under_other_load_does_not_reject_the_table_decision_logic(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table entry is timed for about a second; a stretch of other load can inflate one of them. The
+    check must not compare the host with that one entry (the old rule took the slowest reading, which is
+    the inflated one): it times the models with the largest sum of parts and takes the median ratio.
+    Decision logic driven by controlled timings."""
+    monkeypatch.setenv("GLIT_CACHE_DIR", str(tmp_path))
+    space = get_space("digits")
+    built = profile_latency(space, 10, ScriptedTarget([1.0]), protocol=FAST, calibration_models=4, holdout_models=2)
+    (cache_file,) = tmp_path.rglob("*.json")
+    data = json.loads(cache_file.read_text())
+    checked = sorted(data["calibration"], key=lambda c: c["raw_ms"], reverse=True)[:HOST_CHECK_MODELS]
+    checked[0]["measured_ms"] = 1.6  # taken in a stretch of other load
+    unchecked = next(c for c in data["calibration"] if c not in checked)
+    unchecked["measured_ms"] = 3.0  # the slowest reading of the table, but not among the models checked
+    cache_file.write_text(json.dumps(data))
+    here = ScriptedTarget([1.0])
+    hit = profile_latency(space, 10, here, protocol=FAST, calibration_models=4, holdout_models=2)
+    assert hit.cache_hit and hit.host_check["ratio"] == pytest.approx(1.0, rel=0.01)
+    assert hit.host_check["digests"] == [c["digest"] for c in checked] and unchecked["digest"] not in \
+        hit.host_check["digests"]
+    # Two of the three off the same way: the median follows them, and the table is measured again.
+    checked[1]["measured_ms"] = 1.6
+    cache_file.write_text(json.dumps(data))
+    rebuilt = profile_latency(space, 10, ScriptedTarget([1.0]), protocol=FAST, calibration_models=4,
+                              holdout_models=2, sleep=lambda s: None)
+    assert not rebuilt.cache_hit and rebuilt.host_check["ratio"] == pytest.approx(1 / 1.6, rel=0.01)
+    assert built.block_ms == rebuilt.block_ms
 
 
 def test_latency_cli(trained_digits_run: Path, tmp_path: Path) -> None:
@@ -387,8 +429,14 @@ def test_latency_cli(trained_digits_run: Path, tmp_path: Path) -> None:
     assert "mean abs. error" in proc.stdout
     table = LatencyModel.load(trained_digits_run / "latency" / "ort-cpu-b1.json")
     assert table.key["target"] == "ort-cpu" and table.key["space"] == "digits"
-    assert "cache hit" in glit("latency", "profile", "--run", str(trained_digits_run), "--target", "ort-cpu",
-                               "--threads", "1", *FAST_LATENCY).stdout
+    profile = ("latency", "profile", "--run", str(trained_digits_run), "--target", "ort-cpu", "--threads", "1",
+               *FAST_LATENCY)
+    again = glit(*profile)
+    if "does not describe this host" in again.stderr:
+        # The host check found the table just written off by 1.5x: it was measured in a stretch of other
+        # load (seen on this shared host), and is rightly measured again. The new table must then answer.
+        again = glit(*profile)
+    assert "cache hit" in again.stdout, again.stderr
     predicted = json.loads(glit("latency", "predict", "--run", str(trained_digits_run), "--arch", "smallest",
                                 "--target", "ort-cpu").stdout)
     assert predicted["predicted_ms"] == pytest.approx(table.predict_ms(extreme_arch(get_space("digits"), False)))

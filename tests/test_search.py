@@ -106,6 +106,12 @@ def _search_cmd(run: Path, budget: str) -> list[str]:
             *FAST_LATENCY]
 
 
+def _reference_table(run: Path) -> list[str]:
+    """Search on the table the reference search used: two searches compared step by step must share one
+    table, and the cache may measure it again in between (its host check on a shared host)."""
+    return ["--latency-table", str(run / "latency" / "ort-cpu-b1.json")]
+
+
 def _reference_search(run: Path, copy: Path) -> str:
     """Copy the run aside, then search the original uninterrupted; returns the budget used."""
     shutil.copytree(run, copy)
@@ -137,7 +143,8 @@ def test_killed_search_resumes_to_the_same_result(run_copy: Path, tmp_path: Path
     budget = _reference_search(run_copy, other)
 
     state_path = other / "search" / "state.json"
-    _kill_when(_search_cmd(other, budget), state_path, lambda c: c["level"] == 1 and c["generation"] >= 2)
+    _kill_when([*_search_cmd(other, budget), *_reference_table(run_copy)], state_path,
+               lambda c: c["level"] == 1 and c["generation"] >= 2)
     assert not json.loads(state_path.read_text())["done"], "the search finished before it was killed"
     # The resume reads the table the search started with (the run's copy), not a cache that is gone now.
     empty_cache = {**os.environ, "GLIT_CACHE_DIR": str(tmp_path / "no-cache")}
@@ -168,7 +175,8 @@ def test_level2_epochs_search_killed_in_level2_resumes_on_the_fine_tuned_weights
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, timeout=600)
     state_path = other / "search" / "state.json"
     resumed_cmd = [*_search_cmd(other, budget), "--level2-epochs", "1"]
-    _kill_when(resumed_cmd, state_path, lambda c: c["level"] == 2 and c["generation"] >= 1)
+    _kill_when([*resumed_cmd, *_reference_table(run_copy)], state_path,
+               lambda c: c["level"] == 2 and c["generation"] >= 1)
     assert not json.loads(state_path.read_text())["done"], "the search finished before it was killed"
     subprocess.run([*resumed_cmd, "--resume"], check=True, capture_output=True, cwd=REPO, timeout=600)
     a = json.loads((run_copy / "search" / "state.json").read_text())
@@ -184,7 +192,7 @@ def test_level2_epochs_search_killed_in_level2_resumes_on_the_fine_tuned_weights
 def test_torchrun_shards_the_population_and_matches_one_process(run_copy: Path, tmp_path: Path) -> None:
     ddp = tmp_path / "ddp"
     budget = _reference_search(run_copy, ddp)
-    args = _search_cmd(ddp, budget)[3:]  # drop `python -m glit_deploy`
+    args = [*_search_cmd(ddp, budget)[3:], *_reference_table(run_copy)]  # drop `python -m glit_deploy`
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29533", "-m", "glit_deploy", "--", *args],
@@ -194,6 +202,24 @@ def test_torchrun_shards_the_population_and_matches_one_process(run_copy: Path, 
     b = json.loads((ddp / "search" / "state.json").read_text())
     # Each rank scored half of every population; the gathered scores equal one process's.
     assert a["history"] == b["history"] and a["level1"] == b["level1"]
+    # The table as given: the run keeps an identical copy.
+    assert LatencyModel.load(ddp / "latency" / "ort-cpu-b1.json").to_dict() == \
+        LatencyModel.load(run_copy / "latency" / "ort-cpu-b1.json").to_dict()
+
+
+def test_a_given_latency_table_measured_with_other_settings_is_refused(run_copy: Path, tmp_path: Path) -> None:
+    table = _table(run_copy, "ort-cpu")
+    budget = f"{2 * table.block_range_ms(get_space('digits'), False):.4f}ms"
+    given = tmp_path / "table.json"
+    shutil.copy(run_copy / "latency" / "ort-cpu-b1.json", given)
+    cmd = [*_search_cmd(run_copy, budget), "--latency-table", str(given)]
+    other_threads = subprocess.run([*cmd, "--threads", "2"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert other_threads.returncode == 2 and "Traceback" not in other_threads.stderr
+    assert "measured with other settings (threads: 1 -> 2)" in other_threads.stderr
+    missing = subprocess.run([*_search_cmd(run_copy, budget), "--latency-table", str(tmp_path / "nope.json")],
+                             capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert not (run_copy / "search" / "state.json").exists()
 
 
 def test_fixed_split_and_auto_budget(run_copy: Path) -> None:

@@ -58,8 +58,8 @@ def latency_profile_cmd(
     table.add_row("device", f"{model.key['device']} ({model.key['threads']} threads)")
     check = model.host_check
     if model.cache_hit:
-        table.add_row("table", f"cache hit (one model timed again here: {check['ratio']:.2f}x the table)"
-                      if check else "cache hit (nothing measured)")
+        table.add_row("table", f"cache hit ({len(check['digests'])} of its models timed again here: "
+                      f"{check['ratio']:.2f}x the table)" if check else "cache hit (nothing measured)")
     else:
         table.add_row("table", f"measured in {model.build_seconds:.1f} s" + (
             f" (the cached table read {check['ratio']:.2f}x here: another machine)" if check else ""))

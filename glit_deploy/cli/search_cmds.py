@@ -77,6 +77,11 @@ def search_cmd(
     seed: int = 0,
     device: Annotated[str, typer.Option(help="Where candidates are evaluated: auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run's interrupted search.")] = False,
+    latency_table: Annotated[Path | None, typer.Option(help="Use this latency table (a file `glit latency profile` "
+                                                       "or a search wrote, e.g. runs/NAME/latency/ort-cpu-b1.json) "
+                                                       "as it is, instead of the cache: two searches on one table "
+                                                       "differ only in what you changed. Its settings must be this "
+                                                       "search's.")] = None,
 ) -> None:
     """Two-level evolutionary search under latency budgets measured on the target."""
     from glit_deploy.rundir import RunDir
@@ -93,7 +98,8 @@ def search_cmd(
         raise GlitError("--quant-eval scores candidates quantized: it needs --precision int8")
     summary = search(RunDir(run), budgets, target_from_options(target, threads, precision), batch_size, cfg,
                      resume=resume, level2_epochs=level2_epochs, protocol=table_protocol(warmup, rounds),
-                     calibration_models=calibration_models, holdout_models=holdout_models, device=device)
+                     calibration_models=calibration_models, holdout_models=holdout_models, device=device,
+                     latency_table=latency_table)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     on = summary["target"] + (f" {summary['precision']}" if summary.get("precision", "fp32") != "fp32" else "")

@@ -20,12 +20,13 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from glit_deploy.errors import GlitError
 from glit_deploy.latency.measure import DECISION, PERCENTILES, Protocol, Timing
 
 STATS = ("median", *PERCENTILES)
+Reading = TypeVar("Reading")  # a Timing, or the Timings of models timed side by side
 
 
 def parse_latency(text: str) -> float:
@@ -188,12 +189,12 @@ def timed_candidate(measure: Callable[[], Timing], predicted_ms: float, budget: 
     return timed_until_settled(measure, contradicted, before_retime, sleep)
 
 
-def timed_until_settled(measure: Callable[[], Timing], contradicted: Callable[[Timing], bool],
-                        before_retime: Callable[[Timing, float], None] = lambda timing, pause_s: None,
-                        sleep: Callable[[float], None] = time.sleep) -> list[Timing]:
-    """Every timing of one model, in order: one, or more while the latest is `contradicted` (see the
-    module docstring); the last one decides. `before_retime` is told each contradicted timing and the
-    pause that follows it."""
+def timed_until_settled(measure: Callable[[], Reading], contradicted: Callable[[Reading], bool],
+                        before_retime: Callable[[Reading, float], None] = lambda timing, pause_s: None,
+                        sleep: Callable[[float], None] = time.sleep) -> list[Reading]:
+    """Every timing of one model (or of several side by side), in order: one, or more while the latest
+    is `contradicted` (see the module docstring); the last one decides. `before_retime` is told each
+    contradicted timing and the pause that follows it."""
     attempts = [measure()]
     for pause_s in RETIME_PAUSES_S:
         if not contradicted(attempts[-1]):

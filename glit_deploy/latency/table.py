@@ -98,7 +98,7 @@ class LatencyModel:
     disturbed_rounds: int = 0  # rounds the host disturbed during the build (left out of the estimates) ...
     rounds: int = 0  # ... out of this many
     cache_hit: bool = False
-    host_check: dict[str, Any] | None = None  # a cached table's one model timed again here (`check_host`)
+    host_check: dict[str, Any] | None = None  # a cached table's models timed again here (`check_host`)
 
     # prediction -----------------------------------------------------------------------------
     def raw_ms(self, arch: Arch) -> float:
@@ -165,33 +165,45 @@ def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# A cached table whose slowest calibration model reads this many times faster or slower here was measured on
-# another machine: two hosts called `AMD EPYC` with AVX-512 timed one graph 1.9x apart (BENCHMARKS section 12),
-# far beyond a repeat measurement's noise (a few %, 1.4x at worst on a host with two speeds).
+# A cached table whose models read this many times faster or slower here was measured on another machine:
+# two hosts called `AMD EPYC` with AVX-512 timed one graph 1.9x apart (BENCHMARKS section 12), far beyond
+# a repeat measurement's noise (a few %, 1.4x at worst on a host with two speeds).
 HOST_CHECK_FACTOR = 1.5
+# The check times this many of the table's calibration models and takes the median of their ratios: one
+# entry taken in a stretch of other load (a table entry is timed for about a second) is outvoted.
+HOST_CHECK_MODELS = 3
+# Timed side by side over 2 s at least, so that a stretch of other load shorter than that shows as
+# disturbed rounds; the check asks 1.5x, not a tight interval.
+HOST_CHECK = Protocol(warmup=5, min_rounds=6, min_counted=4, ci_target=0.03, min_seconds=2.0, max_seconds=4.0)
 
 
-def check_host(model: LatencyModel, space: SearchSpace, num_classes: int, target: Target, protocol: Protocol,
+def check_host(model: LatencyModel, space: SearchSpace, num_classes: int, target: Target,
                sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """Time the slowest calibration model of a cached table again on this host and compare.
+    """Time a few calibration models of a cached table again on this host and compare.
 
     The cache key names the CPU, its vector extensions, the runtime and the protocol, but two machines
-    with the same name can differ in clock, memory or neighbours. One end-to-end timing tells whether the
-    table still describes this host; one off by more than `HOST_CHECK_FACTOR` is timed again after a
-    pause (`timed_until_settled`, the project's one rule for a contradicted reading), so that a stretch
-    of other load is not taken for another machine. `agrees` is False when the last reading is still off.
+    with the same name can differ in clock, memory or neighbours. The `HOST_CHECK_MODELS` calibration
+    models with the largest sum of parts (chosen by the table's blocks, not by their own readings: the
+    largest reading is the one most likely inflated by a disturbance) are timed again here, side by
+    side, and the median of their ratios to the table says whether the table still describes this
+    host. A median off by more than `HOST_CHECK_FACTOR` is timed again after a pause
+    (`timed_until_settled`, the project's one rule for a contradicted reading), so that a stretch of
+    other load is not taken for another machine. `agrees` is False when the last reading is still off.
     """
-    entry = max(model.calibration, key=lambda c: c["measured_ms"])  # the slowest: the least relative noise
-    net = GLiT(Arch.from_dict(entry["arch"]), space, num_classes)
+    entries = sorted(model.calibration, key=lambda c: c["raw_ms"], reverse=True)[:HOST_CHECK_MODELS]
+    nets = {e["digest"]: GLiT(Arch.from_dict(e["arch"]), space, num_classes) for e in entries}
     image = torch.randn(model.key["batch_size"], space.in_chans, space.image_size, space.image_size)
 
-    def off(timing: Timing) -> bool:
-        return not 1 / HOST_CHECK_FACTOR <= timing.median_ms / entry["measured_ms"] <= HOST_CHECK_FACTOR
+    def ratio(timings: dict[str, Timing]) -> float:
+        return statistics.median(timings[e["digest"]].median_ms / e["measured_ms"] for e in entries)
 
-    attempts = timed_until_settled(lambda: target.measure(net, image, protocol), off, sleep=sleep)
-    return {"digest": entry["digest"], "table_ms": entry["measured_ms"],
-            "readings_ms": [t.median_ms for t in attempts], "ratio": attempts[-1].median_ms / entry["measured_ms"],
-            "agrees": not off(attempts[-1])}
+    def off(timings: dict[str, Timing]) -> bool:
+        return not 1 / HOST_CHECK_FACTOR <= ratio(timings) <= HOST_CHECK_FACTOR
+
+    attempts = timed_until_settled(lambda: target.measure_side_by_side(nets, image, HOST_CHECK), off, sleep=sleep)
+    return {"digests": [e["digest"] for e in entries], "table_ms": [e["measured_ms"] for e in entries],
+            "readings_ms": [[a[e["digest"]].median_ms for e in entries] for a in attempts],
+            "ratios": [ratio(a) for a in attempts], "ratio": ratio(attempts[-1]), "agrees": not off(attempts[-1])}
 
 
 def cache_dir() -> Path:
@@ -210,9 +222,9 @@ def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_
                     sleep: Callable[[float], None] = time.sleep) -> LatencyModel:
     """Build (or load from the cache) the latency model of `space` on `target`.
 
-    A cached table is used only when one of its models, timed again here, agrees with it (`check_host`,
+    A cached table is used only when a few of its models, timed again here, agree with it (`check_host`,
     which pauses with `sleep` before timing a disagreeing reading again); otherwise it was measured on
-    another machine and is built again, over the cached file.
+    another machine (or in a stretch of other load) and is built again, over the cached file.
     """
     protocol = protocol or TABLE
     target.check()
@@ -223,15 +235,15 @@ def profile_latency(space: SearchSpace, num_classes: int, target: Target, batch_
         cached = LatencyModel.load(cache_path)
         if cached.key == key and (cached.report is None or cached.report.models >= holdout_models) \
                 and len(cached.calibration) >= calibration_models:
-            check = check_host(cached, space, num_classes, target, protocol, sleep)
+            check = check_host(cached, space, num_classes, target, sleep)
             if check["agrees"]:
                 cached.cache_hit, cached.host_check = True, check
                 return cached
             stale = check
-            console.print(f"[yellow]the cached latency table {cache_path} does not describe this host: a model it "
-                          f"measured at {check['table_ms']:.3f} ms reads "
-                          + " then ".join(f"{ms:.3f}" for ms in check["readings_ms"])
-                          + f" ms here ({check['ratio']:.2f}x); measuring the table again[/yellow]")
+            console.print(f"[yellow]the cached latency table {cache_path} does not describe this host: "
+                          f"{len(check['digests'])} of its models timed again here read "
+                          + " then ".join(f"{r:.2f}x" for r in check["ratios"])
+                          + " the table (median ratio); measuring the table again[/yellow]")
 
     started = time.perf_counter()
     torch.manual_seed(seed)

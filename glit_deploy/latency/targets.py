@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from glit_deploy.errors import GlitError
-from glit_deploy.latency.measure import DECISION, Protocol, Runner, Timing, time_runs
+from glit_deploy.latency.measure import DECISION, Protocol, Runner, Timing, time_interleaved, time_runs
 from glit_deploy.quant import DEFAULT_RECIPE, QuantRecipe, check_precision, deployable_graph, host_recipe
 from glit_deploy.runtimes import (
     INSTALL_HINT,
@@ -123,6 +123,16 @@ class Target(ABC):
             timing = time_runs(run, protocol, timer)
         self.measurements += 1
         return timing
+
+    def measure_side_by_side(self, modules: dict[str, nn.Module], example: Tensor,
+                             protocol: Protocol = DECISION) -> dict[str, Timing]:
+        """Time several modules interleaved round by round (`time_interleaved`), so that a stretch of
+        other load falls on all of them rather than on one."""
+        runners = {name: self.runner(module, example) for name, module in modules.items()}
+        with torch.inference_mode():
+            timings = time_interleaved(runners, protocol)
+        self.measurements += len(modules)
+        return timings
 
     def file_runner(self, path: Path, batch_size: int) -> Runner:
         """A ready-to-time inference of an ONNX file as it is, at `batch_size`."""

@@ -15,7 +15,7 @@ from glit_deploy.data import make_loader
 from glit_deploy.errors import RunError
 from glit_deploy.latency.budget import Budget, decision_protocol
 from glit_deploy.latency.measure import TABLE, Protocol, Timing
-from glit_deploy.latency.table import LatencyModel, measure_arch, profile_latency, table_key
+from glit_deploy.latency.table import LatencyModel, check_host, console, measure_arch, profile_latency, table_key
 from glit_deploy.latency.targets import Target
 from glit_deploy.nn import Supernet
 from glit_deploy.nn.supernet import recalibrate_bn
@@ -53,13 +53,41 @@ def resume_latency_model(run: RunDir, target: Target, batch_size: int, protocol:
     path = latency_table_path(run, target.label, batch_size)
     if not path.exists():
         raise RunError(f"the search in {run.path} cannot be resumed: its latency table {path} is missing")
-    model = LatencyModel.load(path)
-    key = table_key(target, run.space(), batch_size, run.load_meta()["data"]["num_classes"], protocol)
-    changed = [f"{k}: {model.key.get(k)} -> {v}" for k, v in _flat(key).items() if _flat(model.key).get(k) != v]
+    changed = _changed_settings(LatencyModel.load(path), run, target, batch_size, protocol)
     if changed:
         raise RunError(f"the search in {run.path} was measured with other latency settings ({'; '.join(changed)}): "
                        "resume it with the settings it started with, or start a new search in another run directory")
+    return LatencyModel.load(path)
+
+
+def given_latency_model(run: RunDir, path: Path, target: Target, batch_size: int, protocol: Protocol
+                        ) -> LatencyModel:
+    """A table the user names (`glit search --latency-table`), used as it is instead of the cache, so
+    that two searches on one table differ only in what the user changed. It must have been measured
+    with this search's settings; it is checked against this host like a cached table (`check_host`),
+    but only warned about when off: the user chose it, and every winner is measured here anyway. The
+    run keeps a copy, which a resumed search reads."""
+    model = LatencyModel.load(Path(path))
+    changed = _changed_settings(model, run, target, batch_size, protocol)
+    if changed:
+        raise RunError(f"the latency table {path} was measured with other settings ({'; '.join(changed)}): "
+                       "search with the settings it was measured with, or without --latency-table")
+    check = check_host(model, run.space(), run.load_meta()["data"]["num_classes"], target)
+    if not check["agrees"]:
+        console.print(f"[yellow]warning: the latency table {path} reads {check['ratio']:.2f}x on this host: it may "
+                      "describe another machine; it is used as given, and every winner is measured here[/yellow]")
+    model.host_check = check
+    own = latency_table_path(run, target.label, batch_size)
+    if own.resolve() != Path(path).resolve():
+        model.save(own)
     return model
+
+
+def _changed_settings(model: LatencyModel, run: RunDir, target: Target, batch_size: int, protocol: Protocol
+                      ) -> list[str]:
+    """What differs between a table's key and this search's, by dotted name (`threads: 1 -> 2`)."""
+    key = table_key(target, run.space(), batch_size, run.load_meta()["data"]["num_classes"], protocol)
+    return [f"{k}: {_flat(model.key).get(k)} -> {v}" for k, v in _flat(key).items() if _flat(model.key).get(k) != v]
 
 
 def _flat(key: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -83,19 +111,22 @@ def resolve_budgets(budgets: list[Budget | float | str], latency: LatencyModel, 
 
 def search(run: RunDir, budgets: list[Budget | float | str], target: Target, batch_size: int, cfg: SearchConfig,
            resume: bool = False, level2_epochs: int = 0, protocol: Protocol | None = None,
-           calibration_models: int = 10, holdout_models: int = 20, device: str = "auto") -> dict[str, Any]:
-    """Search under each budget (a `Budget`, or `auto`); returns the summary written to search/summary.json."""
+           calibration_models: int = 10, holdout_models: int = 20, device: str = "auto",
+           latency_table: Path | None = None) -> dict[str, Any]:
+    """Search under each budget (a `Budget`, or `auto`); returns the summary written to search/summary.json.
+
+    The latency table is the cache's (measured when missing or stale), or `latency_table` as given."""
     ctx = distributed.setup(device)
     try:
         return _search(run, budgets, target, batch_size, cfg, resume, level2_epochs, protocol or TABLE,
-                       calibration_models, holdout_models, ctx)
+                       calibration_models, holdout_models, ctx, latency_table)
     finally:
         distributed.teardown(ctx)
 
 
 def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, batch_size: int, cfg: SearchConfig,
             resume: bool, level2_epochs: int, protocol: Protocol, calibration_models: int,
-            holdout_models: int, ctx: distributed.DistContext) -> dict[str, Any]:
+            holdout_models: int, ctx: distributed.DistContext, latency_table: Path | None) -> dict[str, Any]:
     supernet, bundle = load_supernet(run, ctx.device, update_record=ctx.is_main)
     space = supernet.space
     if cfg.fixed_split is not None:
@@ -106,12 +137,18 @@ def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, ba
     def table() -> LatencyModel:
         if resume and state_path.exists():
             latency = resume_latency_model(run, target, batch_size, protocol)
+            if latency_table is not None and LatencyModel.load(Path(latency_table)).to_dict() != latency.to_dict():
+                raise RunError(f"--latency-table {latency_table} is not the table the search in {run.path} started "
+                               "with: a resumed search keeps its table (leave --latency-table out)")
+        elif latency_table is not None:
+            latency = given_latency_model(run, latency_table, target, batch_size, protocol)
         else:
             latency = run_latency_model(run, target, batch_size, protocol, calibration_models, holdout_models)
         run.record_command("search", {"budgets": [b.label if isinstance(b, Budget) else b for b in budgets],
                                       "target": target.name, "precision": target.precision,
                                       "batch_size": batch_size, "resume": resume,
-                                      "level2_epochs": level2_epochs, **cfg.__dict__})
+                                      "level2_epochs": level2_epochs,
+                                      "latency_table": str(latency_table) if latency_table else None, **cfg.__dict__})
         return latency
 
     latency = distributed.decided_on_main(ctx, table)

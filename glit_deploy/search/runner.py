@@ -53,11 +53,12 @@ def resume_latency_model(run: RunDir, target: Target, batch_size: int, protocol:
     path = latency_table_path(run, target.label, batch_size)
     if not path.exists():
         raise RunError(f"the search in {run.path} cannot be resumed: its latency table {path} is missing")
-    changed = _changed_settings(LatencyModel.load(path), run, target, batch_size, protocol)
+    model = LatencyModel.load(path)
+    changed = _changed_settings(model, run, target, batch_size, protocol)
     if changed:
         raise RunError(f"the search in {run.path} was measured with other latency settings ({'; '.join(changed)}): "
                        "resume it with the settings it started with, or start a new search in another run directory")
-    return LatencyModel.load(path)
+    return model
 
 
 def given_latency_model(run: RunDir, path: Path, target: Target, batch_size: int, protocol: Protocol
@@ -87,7 +88,8 @@ def _changed_settings(model: LatencyModel, run: RunDir, target: Target, batch_si
                       ) -> list[str]:
     """What differs between a table's key and this search's, by dotted name (`threads: 1 -> 2`)."""
     key = table_key(target, run.space(), batch_size, run.load_meta()["data"]["num_classes"], protocol)
-    return [f"{k}: {_flat(model.key).get(k)} -> {v}" for k, v in _flat(key).items() if _flat(model.key).get(k) != v]
+    measured = _flat(model.key)
+    return [f"{k}: {measured.get(k)} -> {v}" for k, v in _flat(key).items() if measured.get(k) != v]
 
 
 def _flat(key: dict[str, Any], prefix: str = "") -> dict[str, Any]:

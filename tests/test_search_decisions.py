@@ -314,3 +314,43 @@ def test_a_resume_refuses_changed_settings_and_continues_with_the_same(tmp_path:
     with pytest.raises(RunError, match="other settings"):
         engine(tmp_path, [Budget(budget.ms, "p99")], Controlled(table)).run_search(resume=True)
     assert engine(tmp_path, [budget], Controlled(table)).run_search(resume=True)["budgets"][budget.label]["digest"]
+
+
+def test_the_fine_tuned_fitness_reorders_the_most_accurate_candidates_decision_logic(tmp_path: Path) -> None:
+    """Under `finetune_top` K the K most accurate candidates (inherited fitness) are fine-tuned and measured
+    in order of that score; here a made-up fine-tuned score reverses their order, so the winner is the K-th.
+    Controlled scores and timings; nothing is trained or measured."""
+    table = made_up_table(get_space("digits"))
+    budget = Budget(budget_at(table, 0.5))
+    plain = engine(tmp_path / "plain", [budget], Controlled(table)).run_search()["budgets"][budget.label]
+    tuned_calls: list[tuple[str, str]] = []
+
+    def finetuned(arch: Arch, weights: str) -> float:
+        tuned_calls.append((arch.digest, weights))
+        return 100.0 - fitness(arch)  # the inherited order, reversed
+
+    cfg = SearchConfig(**{**SMALL.__dict__, "finetune_top": 3})
+    search = engine(tmp_path / "tuned", [budget], Controlled(table), cfg=cfg, finetuned=finetuned)
+    winner = search.run_search()["budgets"][budget.label]
+    top3 = search.candidates(budget, "supernet")[:3]
+    assert top3[0]["digest"] == plain["digest"]  # the same search, the same inherited order
+    assert sorted(d for d, _ in tuned_calls) == sorted(e["digest"] for e in top3)  # each fine-tuned once
+    assert winner["digest"] == top3[2]["digest"] and winner["finetuned_top1"] == 100.0 - fitness(
+        Arch.from_dict(top3[2]["arch"]))
+    state = json.loads((tmp_path / "tuned" / "search" / "state.json").read_text())
+    assert sorted(state["finetuned"]) == sorted(f"supernet:{e['digest']}" for e in top3)
+    # Killed while fine-tuning the second candidate, then resumed: the first one's score is kept, not redone.
+    def killed_at_the_second(arch: Arch, weights: str) -> float:
+        if len(tuned_calls) == 1:
+            raise KeyboardInterrupt
+        return finetuned(arch, weights)
+
+    tuned_calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        engine(tmp_path / "killed", [budget], Controlled(table), cfg=cfg, finetuned=killed_at_the_second).run_search()
+    (first_tuned,) = tuned_calls
+    resumed = engine(tmp_path / "killed", [budget], Controlled(table), cfg=cfg, finetuned=finetuned)
+    assert resumed.run_search(resume=True)["budgets"][budget.label]["digest"] == winner["digest"]
+    assert first_tuned not in tuned_calls[1:] and len(tuned_calls) == 3
+    with pytest.raises(GlitError, match="use one of them"):
+        SearchConfig(finetune_top=2, quant_eval=2)

@@ -53,6 +53,12 @@ def search_cmd(
     quant_eval: Annotated[int, typer.Option(min=0, help="With --precision int8: also score the K most accurate "
                                             "candidates quantized and take them by int8 accuracy (the winner is "
                                             "always quantized, scored and measured).")] = 0,
+    finetune_top: Annotated[int, typer.Option(min=0, help="Fine-tune the K most accurate candidates of each budget "
+                                              "from their inherited weights (--finetune-steps steps each) and "
+                                              "take them in order of that accuracy: inherited accuracy orders "
+                                              "near-tied archs by chance. 0: inherited accuracy alone.")] = 0,
+    finetune_steps: Annotated[int, typer.Option(min=1, help="Steps (batch 128) of each --finetune-top "
+                                                "fine-tune.")] = 400,
     population: Annotated[int, typer.Option(min=2)] = 50,
     generations: Annotated[int, typer.Option(min=1, help="Generations per level.")] = 20,
     parents: Annotated[int, typer.Option(min=1)] = 10,
@@ -93,7 +99,7 @@ def search_cmd(
                        crossovers=crossovers, mutation_prob=mutation_prob, seed=seed, max_params=max_params,
                        max_macs=max_macs, calib_batches=calib_batches, batch_size=eval_batch_size,
                        fixed_split=_parse_split(fixed_split), latency_margin=latency_margin,
-                       quant_eval=quant_eval)
+                       quant_eval=quant_eval, finetune_top=finetune_top, finetune_steps=finetune_steps)
     if quant_eval and precision != "int8":
         raise GlitError("--quant-eval scores candidates quantized: it needs --precision int8")
     summary = search(RunDir(run), budgets, target_from_options(target, threads, precision), batch_size, cfg,
@@ -116,7 +122,8 @@ def search_cmd(
             table.add_row(label, "-", "-", "-", "-", "-", "-", result["error"])
             continue
         lat = result["latency"]
-        top1 = f"{result['top1']:.2f} %" + (f" (int8 {result['int8_top1']:.2f} %)" if "int8_top1" in result else "")
+        top1 = f"{result['top1']:.2f} %" + (f" (int8 {result['int8_top1']:.2f} %)" if "int8_top1" in result else "") \
+            + (f" (fine-tuned {result['finetuned_top1']:.2f} %)" if "finetuned_top1" in result else "")
         table.add_row(label, top1, f"{result['predicted_ms']:.3f} ms",
                       f"{lat['median_ms']:.3f} ms ({lat['ci_ms'][0]:.3f}-{lat['ci_ms'][1]:.3f})",
                       f"{lat['stat']} <= {lat['bound_ms']:.3f} ms (95 % bound)",

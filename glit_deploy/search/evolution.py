@@ -49,6 +49,7 @@ from glit_deploy.latency.measure import Timing
 from glit_deploy.latency.table import LatencyModel
 from glit_deploy.nn.counting import arch_cost
 from glit_deploy.rundir import RunDir
+from glit_deploy.search.fitness import reranked_by_finetuning
 from glit_deploy.space import Arch, SearchSpace
 
 console = Console(stderr=True)
@@ -78,6 +79,16 @@ class SearchConfig:
     # scored quantized before the winner is chosen; they are then taken in order of int8 accuracy.
     # The winner is always quantized and scored, whatever this is.
     quant_eval: int = 0
+    # How many of a budget's most accurate candidates are fine-tuned from their inherited weights for
+    # `finetune_steps` steps and then taken in order of that score (`search.fitness`): inherited top-1
+    # orders near-tied archs by chance (BENCHMARKS section 12). 0: inherited top-1 alone.
+    finetune_top: int = 0
+    finetune_steps: int = 400
+
+    def __post_init__(self) -> None:
+        if self.finetune_top and self.quant_eval:
+            raise GlitError("--finetune-top and --quant-eval both reorder the most accurate candidates before "
+                            "they are measured: use one of them")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
@@ -88,6 +99,7 @@ class SearchConfig:
 Evaluator = Callable[[list[Arch]], list[float]]
 Measurer = Callable[[Arch], Timing]
 QuantScorer = Callable[[Arch, str], float]  # int8 top-1 of an arch under the named weights
+FinetuneScorer = Callable[[Arch, str], float]  # top-1 of an arch fine-tuned from the named weights
 
 
 class EvolutionarySearch:
@@ -97,7 +109,8 @@ class EvolutionarySearch:
                  budgets: Sequence[Budget], cfg: SearchConfig, evaluate: Evaluator, measure: Measurer,
                  ctx: distributed.DistContext | None = None, weights_tag: Callable[[int], str] | None = None,
                  before_level2: Callable[[tuple[int, ...]], None] | None = None,
-                 quantized: QuantScorer | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 quantized: QuantScorer | None = None, finetuned: FinetuneScorer | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.run, self.space, self.num_classes = run, space, num_classes
         self.latency, self.cfg = latency, cfg
         self.budgets = sorted(set(budgets))
@@ -106,6 +119,7 @@ class EvolutionarySearch:
         self.weights_tag = weights_tag or (lambda level: "supernet")
         self.before_level2 = before_level2
         self.quantized_fn = quantized  # None: the target deploys float32
+        self.finetuned_fn = finetuned  # None: no candidate is fine-tuned (finetune_top is then ignored)
         self.sleep = sleep  # the pause before a contradicted candidate is timed again
         self.dir = run.path / "search"
         self.state_path = self.dir / "state.json"
@@ -481,14 +495,33 @@ class EvolutionarySearch:
 
     def _winner_order(self, budget: Budget, weights: str) -> list[dict[str, Any]]:
         """The candidates in the order they are measured: by float32 fitness, except that under
-        `quant_eval` K the K most accurate are scored quantized and lead, by int8 accuracy."""
+        `finetune_top` K the K most accurate are fine-tuned and lead, by fine-tuned accuracy
+        (`reranked_by_finetuning`), and under `quant_eval` K the K most accurate are scored quantized
+        and lead, by int8 accuracy."""
         pool = self.candidates(budget, weights)[: self.cfg.winner_candidates]
+        if self.cfg.finetune_top and self.finetuned_fn is not None:
+            return reranked_by_finetuning(pool, self.cfg.finetune_top,
+                                          lambda e: self._finetuned_top1(Arch.from_dict(e["arch"]), weights))
         k = min(self.cfg.quant_eval, len(pool)) if self.quantized_fn is not None else 0
         if k == 0:
             return pool
         head = [{**e, "int8_top1": self._int8_top1(Arch.from_dict(e["arch"]), weights)} for e in pool[:k]]
         head.sort(key=lambda e: (-e["int8_top1"], -e["top1"], e["digest"]))
         return head + pool[k:]
+
+    def _finetuned_top1(self, arch: Arch, weights: str) -> float:
+        """The top-1 of an arch fine-tuned from `weights`, computed once and kept in the state (a resumed
+        search does not fine-tune a candidate again)."""
+        assert self.finetuned_fn is not None
+        scores = self.state.setdefault("finetuned", {})
+        key = self._cache_key(arch, weights)
+        if key not in scores:
+            if self.ctx.is_main:
+                console.print(f"fine-tuning candidate {arch.digest[:8]} for {self.cfg.finetune_steps} steps from "
+                              f"the {weights} weights")
+            scores[key] = self.finetuned_fn(arch, weights)
+            self._save()
+        return scores[key]
 
     def _int8_top1(self, arch: Arch, weights: str) -> float:
         """The int8 accuracy of an arch under `weights`, scored once and kept in the state."""

@@ -22,6 +22,7 @@ from glit_deploy.nn.supernet import recalibrate_bn
 from glit_deploy.quant import calibration_images, graph_predictions
 from glit_deploy.rundir import RunDir
 from glit_deploy.search.evolution import EvolutionarySearch, SearchConfig
+from glit_deploy.search.fitness import FinetuneConfig, finetuned_top1
 from glit_deploy.space import Arch
 from glit_deploy.train import TrainConfig, calibration_batches, evaluate_subnet, load_supernet, train_stage
 
@@ -185,6 +186,13 @@ def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, ba
         return distributed.decided_on_main(
             ctx, lambda: int8_subnet_top1(weights["current"], arch, bundle, cfg, calibration, target, ctx.device))
 
+    def finetuned(arch: Arch, tag: str) -> float:
+        # Rank 0 fine-tunes (one process, the same batches for every candidate); every rank takes the score.
+        finetune = FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed)
+        return distributed.decided_on_main(
+            ctx, lambda: finetuned_top1(weights["current"], arch, bundle, finetune, cfg.batch_size, cfg.calib_batches,
+                                        ctx.device, val_loader, progress=True)[cfg.finetune_steps])
+
     search_state: dict[str, Any] = {}
 
     def weights_tag(level: int) -> str:
@@ -201,7 +209,8 @@ def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, ba
 
     engine = EvolutionarySearch(run, space, supernet.num_classes, latency, resolved, cfg, evaluate, measure, ctx,
                                 weights_tag=weights_tag, before_level2=before_level2,
-                                quantized=quantized_top1 if target.precision == "int8" else None)
+                                quantized=quantized_top1 if target.precision == "int8" else None,
+                                finetuned=finetuned if cfg.finetune_top else None)
     search_state["engine"] = engine
     if resume and engine.state_path.exists():
         state = json.loads(engine.state_path.read_text())

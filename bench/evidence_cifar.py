@@ -23,6 +23,11 @@ resumable steps and writes each one's result into one JSON file as soon as it ha
 4. all-global  the same evolution restricted to the all-global split (DeiT-like blocks, details still
                searched) in OUT/search-all-global; its winner.
 
+With `--finetune-top K` both the evolution (`glit search --finetune-top`) and random search fine-tune their K
+most accurate candidates from the inherited weights and take them in that order (the one rule,
+`glit_deploy.search.fitness.reranked_by_finetuning`); a score the evolution computed for an arch is reused by
+random search. The evolution searches on the table this JSON's budget comes from (`--latency-table`).
+
 Every step is skipped when the JSON records it as done; the random and ranking steps save after every
 evaluation, and the two searches resume from their own state (`search/state.json`), so a killed run
 rerun with the same command goes on where it stopped. A JSON written with other settings (supernet
@@ -94,7 +99,8 @@ from glit_deploy.nn.model import GLiT
 from glit_deploy.rundir import RunDir
 from glit_deploy.runtimes import cpu_name
 from glit_deploy.search import SearchConfig, budget_label, parse_latency
-from glit_deploy.search.runner import run_latency_model, search
+from glit_deploy.search.fitness import FinetuneConfig, finetuned_top1, reranked_by_finetuning
+from glit_deploy.search.runner import latency_table_path, run_latency_model, search
 from glit_deploy.space import Arch, SearchSpace, get_space
 from glit_deploy.train import evaluate_subnet, load_supernet
 
@@ -107,7 +113,7 @@ RANKING_TOP = 1.15  # the ranking set's bins end at 1.15 x budget
 RANKING_SEED_OFFSET = 2000
 BIN_TRIES = 2000
 MAX_DRAWS = 200_000
-WINNER_FIELDS = ("arch", "top1", "digest", "predicted_ms", "measured_ms", "params", "macs")
+WINNER_FIELDS = ("arch", "top1", "digest", "predicted_ms", "measured_ms", "params", "macs", "finetuned_top1")
 
 console = Console(stderr=True)
 
@@ -163,15 +169,26 @@ class Scorer:
         return {"digest": arch.digest, "arch": arch.to_dict(), "predicted_ms": self.latency.predict_ms(arch),
                 "params": cost.params, "macs": cost.macs}
 
-    def score(self, arch: Arch) -> dict[str, Any]:
+    def _load(self) -> tuple[Any, Any, Any]:
         if self._loaded is None:
             supernet, bundle = load_supernet(self.run, self.device)
             self._loaded = supernet, bundle, make_loader(bundle.val, self.cfg.batch_size, shuffle=False)
-        supernet, bundle, val_loader = self._loaded
+        return self._loaded
+
+    def score(self, arch: Arch) -> dict[str, Any]:
+        supernet, bundle, val_loader = self._load()
         started = time.perf_counter()
         top1 = evaluate_subnet(supernet, arch, bundle, self.cfg.batch_size, self.cfg.calib_batches, self.device,
                                val_loader=val_loader)
         return {**self.record(arch), "top1": top1, "seconds": round(time.perf_counter() - started, 3)}
+
+
+    def finetuned(self, arch: Arch) -> float:
+        """The search's second fitness (`--finetune-top`): `finetuned_top1` with the search's settings."""
+        supernet, bundle, val_loader = self._load()
+        cfg = FinetuneConfig(steps=self.cfg.finetune_steps, seed=self.cfg.seed)
+        return finetuned_top1(supernet, arch, bundle, cfg, self.cfg.batch_size, self.cfg.calib_batches, self.device,
+                              val_loader, progress=True)[cfg.steps]
 
 
 def score_all(step: dict[str, Any], plan_key: str, done_key: str, scorer: Scorer, save: Callable[[], None],
@@ -291,10 +308,13 @@ def measure_within(arch: Arch, predicted_ms: float, space: SearchSpace, num_clas
 
 def pick_winner(step: dict[str, Any], budget_ms: float, margin: float,
                 measure: Callable[[dict[str, Any]], dict[str, Any]], save: Callable[[], None],
-                candidates: int) -> dict[str, Any]:
+                candidates: int, finetune_top: int = 0,
+                finetuned: Callable[[dict[str, Any]], float] | None = None) -> dict[str, Any]:
     """The search's rule: the most accurate evaluation whose end-to-end measurement meets the budget less the
     search's margin, with the search's second pass when all of the `candidates` most accurate are rejected
-    (`table_corrected_candidates`). A measurement kept from before the margin was applied here is taken again."""
+    (`table_corrected_candidates`). A measurement kept from before the margin was applied here is taken again.
+    With `finetune_top` K, the K most accurate are fine-tuned (`finetuned`) and measured first in order of
+    that score, by the search's own rule (`reranked_by_finetuning`)."""
     measured = step.setdefault("measured", {})
     rejected: list[dict[str, Any]] = []
 
@@ -311,7 +331,10 @@ def pick_winner(step: dict[str, Any], budget_ms: float, margin: float,
         return None
 
     ranked = sorted(step["evaluations"], key=lambda e: (-e["top1"], e["predicted_ms"], e["digest"]))
-    winner, second_pass = pick_by_measurement(ranked[:candidates], ranked[candidates:], attempt, rejected,
+    first = ranked[:candidates]
+    if finetune_top and finetuned is not None:
+        first = reranked_by_finetuning(first, finetune_top, finetuned)
+    winner, second_pass = pick_by_measurement(first, ranked[candidates:], attempt, rejected,
                                               budget_ms * (1 - margin), candidates)
     if winner is not None:
         return winner
@@ -367,7 +390,10 @@ class Evidence:
             # the search resumes with the configuration its state recorded, whatever it is given
             raise EvidenceError(f"{path} holds a search with another configuration; move it away")
         started = time.perf_counter()
-        summary = search(run, [search_budget(self.budget)], self.target, 1, cfg, resume=resume, device="cpu")
+        # A new search takes the table this JSON's budget and random search use; a resumed one keeps its own.
+        table = None if resume else latency_table_path(self.source, self.target.label, 1)
+        summary = search(run, [search_budget(self.budget)], self.target, 1, cfg, resume=resume, device="cpu",
+                         latency_table=table)
         result = summary["budgets"][budget_label(self.budget)]
         return {"search_dir": str(path), "fixed_split": split, "evaluated": summary["evaluated"],
                 "cache_hits": summary["cache_hits"], "search_seconds": summary["seconds"],
@@ -401,7 +427,18 @@ class Evidence:
         score_all(step, "plan", "evaluations", self.scorer, self.save, known, "random search")
         score_all(step, "retrain_plan", "random_archs", self.scorer, self.save, known, "random arch")
         step["winner"] = pick_winner(step, self.budget, self.cfg.latency_margin, self.measure, self.save,
-                                     self.cfg.winner_candidates)
+                                     self.cfg.winner_candidates, self.cfg.finetune_top, self.finetuned)
+
+    def finetuned(self, entry: dict[str, Any]) -> float:
+        """A random-search candidate's fine-tuned score, kept in the step (saved at once) and shared with the
+        evolution's search state where it fine-tuned the same arch (the score is deterministic)."""
+        scores = self.state["random"].setdefault("finetuned", {})
+        if entry["digest"] not in scores:
+            evolution = load_state(self.args.out / "search-evolution" / "search" / "state.json")
+            scores[entry["digest"]] = evolution.get("finetuned", {}).get(f"supernet:{entry['digest']}") \
+                or self.scorer.finetuned(Arch.from_dict(entry["arch"]))
+            self.save()
+        return scores[entry["digest"]]
 
     def ranking_set(self) -> None:
         step = self.state.get("ranking")
@@ -592,6 +629,9 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=2)
     parser.add_argument("--parents", type=int, default=3)
     parser.add_argument("--children", type=int, default=4, help="mutations and crossovers per generation, each")
+    parser.add_argument("--finetune-top", type=int, default=0,
+                        help="the search's --finetune-top, for the evolution and random search alike")
+    parser.add_argument("--finetune-steps", type=int, default=400)
     parser.add_argument("--calib-batches", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=parse_steps, default=list(STEPS),
@@ -619,6 +659,7 @@ def main() -> None:
     space, num_classes = source.space(), meta["data"]["num_classes"]
     cfg = SearchConfig(population=args.population, generations=args.generations, parents=args.parents,
                        mutations=args.children, crossovers=args.children, calib_batches=args.calib_batches,
+                       finetune_top=args.finetune_top, finetune_steps=args.finetune_steps,
                        seed=args.seed)
     settings = {"supernet_run": str(source.path), "supernet": supernet_fingerprint(source), "space": space.name,
                 "space_digest": space.digest, "data": meta["data"].get("spec"), "target": args.target,

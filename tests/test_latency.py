@@ -319,7 +319,9 @@ def test_latency_table_and_its_cache() -> None:
     # Same key: the cache answers, and only a few of its models are timed again to check the host.
     again_target = get_target("ort-cpu", threads=1)
     again = profile_latency(space, 10, again_target, protocol=FAST, calibration_models=4, holdout_models=4)
-    assert again.cache_hit and again_target.measurements == HOST_CHECK_MODELS  # only the host check (below)
+    # Only the host check is timed: its models side by side, once per reading (a reading off by 1.5x under
+    # other load is taken again after a pause, as BENCHMARKS section 13 saw beside other work).
+    assert again.cache_hit and again_target.measurements == HOST_CHECK_MODELS * len(again.host_check["ratios"])
     by_parts = sorted(model.calibration, key=lambda c: c["raw_ms"], reverse=True)[:HOST_CHECK_MODELS]
     assert again.host_check["agrees"] and again.host_check["table_ms"] == [c["measured_ms"] for c in by_parts]
     assert again.block_ms == model.block_ms and again.scale == model.scale

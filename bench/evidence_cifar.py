@@ -99,7 +99,7 @@ from glit_deploy.nn.model import GLiT
 from glit_deploy.rundir import RunDir
 from glit_deploy.runtimes import cpu_name
 from glit_deploy.search import SearchConfig, budget_label, parse_latency
-from glit_deploy.search.fitness import FinetuneConfig, finetuned_top1, reranked_by_finetuning
+from glit_deploy.search.fitness import finetuned_top1, reranked_by_finetuning
 from glit_deploy.search.runner import latency_table_path, run_latency_model, search
 from glit_deploy.space import Arch, SearchSpace, get_space
 from glit_deploy.train import evaluate_subnet, load_supernet
@@ -186,9 +186,8 @@ class Scorer:
     def finetuned(self, arch: Arch) -> float:
         """The search's second fitness (`--finetune-top`): `finetuned_top1` with the search's settings."""
         supernet, bundle, val_loader = self._load()
-        cfg = FinetuneConfig(steps=self.cfg.finetune_steps, seed=self.cfg.seed)
-        return finetuned_top1(supernet, arch, bundle, cfg, self.cfg.batch_size, self.cfg.calib_batches, self.device,
-                              val_loader, progress=True)[cfg.steps]
+        return finetuned_top1(supernet, arch, bundle, self.cfg.finetune_config(), self.cfg.batch_size,
+                              self.cfg.calib_batches, self.device, val_loader, progress=True)[self.cfg.finetune_steps]
 
 
 def score_all(step: dict[str, Any], plan_key: str, done_key: str, scorer: Scorer, save: Callable[[], None],

@@ -49,7 +49,7 @@ from glit_deploy.latency.measure import Timing
 from glit_deploy.latency.table import LatencyModel
 from glit_deploy.nn.counting import arch_cost
 from glit_deploy.rundir import RunDir
-from glit_deploy.search.fitness import reranked_by_finetuning
+from glit_deploy.search.fitness import FinetuneConfig, reranked_by_finetuning
 from glit_deploy.space import Arch, SearchSpace
 
 console = Console(stderr=True)
@@ -89,6 +89,10 @@ class SearchConfig:
         if self.finetune_top and self.quant_eval:
             raise GlitError("--finetune-top and --quant-eval both reorder the most accurate candidates before "
                             "they are measured: use one of them")
+
+    def finetune_config(self) -> FinetuneConfig:
+        """How `finetune_top` fine-tunes each candidate: `finetune_steps` steps, the search's seed."""
+        return FinetuneConfig(steps=self.finetune_steps, seed=self.seed)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
@@ -510,26 +514,28 @@ class EvolutionarySearch:
         return head + pool[k:]
 
     def _finetuned_top1(self, arch: Arch, weights: str) -> float:
-        """The top-1 of an arch fine-tuned from `weights`, computed once and kept in the state (a resumed
-        search does not fine-tune a candidate again)."""
+        """The top-1 of an arch fine-tuned from `weights`, kept in the state (a resumed search does not
+        fine-tune a candidate again)."""
         assert self.finetuned_fn is not None
-        scores = self.state.setdefault("finetuned", {})
-        key = self._cache_key(arch, weights)
-        if key not in scores:
-            if self.ctx.is_main:
-                console.print(f"fine-tuning candidate {arch.digest[:8]} for {self.cfg.finetune_steps} steps from "
-                              f"the {weights} weights")
-            scores[key] = self.finetuned_fn(arch, weights)
-            self._save()
-        return scores[key]
+        return self._kept_score("finetuned", arch, weights, self.finetuned_fn,
+                                f"fine-tuning candidate {arch.digest[:8]} for {self.cfg.finetune_steps} steps "
+                                f"from the {weights} weights")
 
     def _int8_top1(self, arch: Arch, weights: str) -> float:
         """The int8 accuracy of an arch under `weights`, scored once and kept in the state."""
         assert self.quantized_fn is not None
-        scores = self.state.setdefault("quantized", {})
+        return self._kept_score("quantized", arch, weights, self.quantized_fn)
+
+    def _kept_score(self, kind: str, arch: Arch, weights: str, score: Callable[[Arch, str], float],
+                    announce: str = "") -> float:
+        """A second score of an arch (`kind`: quantized, finetuned), computed once and saved in the state
+        at once, so that a resumed search reads it instead of computing it again."""
+        scores = self.state.setdefault(kind, {})
         key = self._cache_key(arch, weights)
         if key not in scores:
-            scores[key] = self.quantized_fn(arch, weights)
+            if announce and self.ctx.is_main:
+                console.print(announce)
+            scores[key] = score(arch, weights)
             self._save()
         return scores[key]
 

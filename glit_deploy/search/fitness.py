@@ -37,7 +37,7 @@ from glit_deploy.train import autocast, evaluate, training_progress
 class FinetuneConfig:
     """How each candidate is fine-tuned before it is scored (AdamW, linear warm-up, then constant)."""
 
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 128
     lr: float = 2e-4  # a fifth of the supernet's peak, as level 2's split fine-tuning uses
     warmup_steps: int = 20

@@ -22,7 +22,7 @@ from glit_deploy.nn.supernet import recalibrate_bn
 from glit_deploy.quant import calibration_images, graph_predictions
 from glit_deploy.rundir import RunDir
 from glit_deploy.search.evolution import EvolutionarySearch, SearchConfig
-from glit_deploy.search.fitness import FinetuneConfig, finetuned_top1
+from glit_deploy.search.fitness import finetuned_top1
 from glit_deploy.space import Arch
 from glit_deploy.train import TrainConfig, calibration_batches, evaluate_subnet, load_supernet, train_stage
 
@@ -188,10 +188,9 @@ def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, ba
 
     def finetuned(arch: Arch, tag: str) -> float:
         # Rank 0 fine-tunes (one process, the same batches for every candidate); every rank takes the score.
-        finetune = FinetuneConfig(steps=cfg.finetune_steps, seed=cfg.seed)
         return distributed.decided_on_main(
-            ctx, lambda: finetuned_top1(weights["current"], arch, bundle, finetune, cfg.batch_size, cfg.calib_batches,
-                                        ctx.device, val_loader, progress=True)[cfg.finetune_steps])
+            ctx, lambda: finetuned_top1(weights["current"], arch, bundle, cfg.finetune_config(), cfg.batch_size,
+                                        cfg.calib_batches, ctx.device, val_loader, progress=True)[cfg.finetune_steps])
 
     search_state: dict[str, Any] = {}
 

@@ -26,7 +26,9 @@ resumable steps and writes each one's result into one JSON file as soon as it ha
 With `--finetune-top K` both the evolution (`glit search --finetune-top`) and random search fine-tune their K
 most accurate candidates from the inherited weights and take them in that order (the one rule,
 `glit_deploy.search.fitness.reranked_by_finetuning`); a score the evolution computed for an arch is reused by
-random search. The evolution searches on the table this JSON's budget comes from (`--latency-table`).
+random search. `--finetune-spread D` makes both fine-tune the most accurate candidates that are pairwise at
+least D genes apart instead (`glit search --finetune-spread`). The evolution searches on the table this
+JSON's budget comes from (`--latency-table`).
 
 Every step is skipped when the JSON records it as done; the random and ranking steps save after every
 evaluation, and the two searches resume from their own state (`search/state.json`), so a killed run
@@ -279,6 +281,15 @@ def draw_ranking_set(space: SearchSpace, latency: LatencyModel, lo: float, top: 
     return sorted(chosen, key=lambda c: (c[0], c[2].digest)), edges
 
 
+def search_settings(cfg: SearchConfig) -> dict[str, Any]:
+    """The search's settings as a JSON records them; a setting added since that is at its default is left
+    out, so that a JSON written before it still resumes."""
+    settings = asdict(cfg)
+    if not settings["finetune_spread"]:
+        del settings["finetune_spread"]
+    return settings
+
+
 def search_budget(ms: float) -> Budget:
     """A budget as `search` takes it: a median `Budget`."""
     return Budget(ms)
@@ -308,7 +319,8 @@ def measure_within(arch: Arch, predicted_ms: float, space: SearchSpace, num_clas
 def pick_winner(step: dict[str, Any], budget_ms: float, margin: float,
                 measure: Callable[[dict[str, Any]], dict[str, Any]], save: Callable[[], None],
                 candidates: int, finetune_top: int = 0,
-                finetuned: Callable[[dict[str, Any]], float] | None = None) -> dict[str, Any]:
+                finetuned: Callable[[dict[str, Any]], float] | None = None, finetune_spread: int = 0
+                ) -> dict[str, Any]:
     """The search's rule: the most accurate evaluation whose end-to-end measurement meets the budget less the
     search's margin, with the search's second pass when all of the `candidates` most accurate are rejected
     (`table_corrected_candidates`). A measurement kept from before the margin was applied here is taken again.
@@ -330,10 +342,9 @@ def pick_winner(step: dict[str, Any], budget_ms: float, margin: float,
         return None
 
     ranked = sorted(step["evaluations"], key=lambda e: (-e["top1"], e["predicted_ms"], e["digest"]))
-    first = ranked[:candidates]
     if finetune_top and finetuned is not None:
-        first = reranked_by_finetuning(first, finetune_top, finetuned)
-    winner, second_pass = pick_by_measurement(first, ranked[candidates:], attempt, rejected,
+        ranked = reranked_by_finetuning(ranked, finetune_top, finetuned, finetune_spread)
+    winner, second_pass = pick_by_measurement(ranked[:candidates], ranked[candidates:], attempt, rejected,
                                               budget_ms * (1 - margin), candidates)
     if winner is not None:
         return winner
@@ -426,7 +437,8 @@ class Evidence:
         score_all(step, "plan", "evaluations", self.scorer, self.save, known, "random search")
         score_all(step, "retrain_plan", "random_archs", self.scorer, self.save, known, "random arch")
         step["winner"] = pick_winner(step, self.budget, self.cfg.latency_margin, self.measure, self.save,
-                                     self.cfg.winner_candidates, self.cfg.finetune_top, self.finetuned)
+                                     self.cfg.winner_candidates, self.cfg.finetune_top, self.finetuned,
+                                     self.cfg.finetune_spread)
 
     def finetuned(self, entry: dict[str, Any]) -> float:
         """A random-search candidate's fine-tuned score, kept in the step (saved at once) and shared with the
@@ -631,6 +643,8 @@ def main() -> None:
     parser.add_argument("--finetune-top", type=int, default=0,
                         help="the search's --finetune-top, for the evolution and random search alike")
     parser.add_argument("--finetune-steps", type=int, default=400)
+    parser.add_argument("--finetune-spread", type=int, default=0,
+                        help="the search's --finetune-spread, for the evolution and random search alike")
     parser.add_argument("--calib-batches", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=parse_steps, default=list(STEPS),
@@ -659,10 +673,11 @@ def main() -> None:
     cfg = SearchConfig(population=args.population, generations=args.generations, parents=args.parents,
                        mutations=args.children, crossovers=args.children, calib_batches=args.calib_batches,
                        finetune_top=args.finetune_top, finetune_steps=args.finetune_steps,
+                       finetune_spread=args.finetune_spread,
                        seed=args.seed)
     settings = {"supernet_run": str(source.path), "supernet": supernet_fingerprint(source), "space": space.name,
                 "space_digest": space.digest, "data": meta["data"].get("spec"), "target": args.target,
-                "latency_threads": args.latency_threads, "out": str(args.out), "search": asdict(cfg)}
+                "latency_threads": args.latency_threads, "out": str(args.out), "search": search_settings(cfg)}
     if state and state.get("settings") != settings:
         old = state.get("settings", {})
         flat_old, flat_new = {**old, **old.get("search", {})}, {**settings, **settings["search"]}

@@ -92,6 +92,14 @@ class Arch:
     def describe(self, num_heads: int) -> str:
         return " | ".join(f"{i}: {b.describe(num_heads)}" for i, b in enumerate(self.blocks))
 
+    def gene_distance(self, other: Arch) -> int:
+        """How many genes differ between two archs of one depth, block by block (a gene the split makes
+        irrelevant in a block counts as a value of its own)."""
+        if other.depth != self.depth:
+            raise ValueError(f"archs of depth {self.depth} and {other.depth} have no gene distance")
+        return sum(getattr(a, f.name) != getattr(b, f.name)
+                   for a, b in zip(self.blocks, other.blocks, strict=True) for f in fields(BlockGenes))
+
     @classmethod
     def from_dict(cls, data: Any, source: str = "arch") -> Arch:
         if not isinstance(data, dict) or not isinstance(data.get("blocks"), list):

@@ -8,7 +8,9 @@ accepts.
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from glit_deploy.latency.table import LatencyModel, block_key
 from glit_deploy.nn.counting import arch_cost
 from glit_deploy.rundir import RunDir
 from glit_deploy.search.evolution import EvolutionarySearch, SearchConfig
+from glit_deploy.search.fitness import reranked_by_finetuning
 from glit_deploy.space import Arch, BlockGenes, SearchSpace, get_space
 
 SMALL = SearchConfig(population=8, generations=3, parents=3, mutations=4, crossovers=4, seed=1)
@@ -354,3 +357,57 @@ def test_the_fine_tuned_fitness_reorders_the_most_accurate_candidates_decision_l
     assert first_tuned not in tuned_calls[1:] and len(tuned_calls) == 3
     with pytest.raises(GlitError, match="use one of them"):
         SearchConfig(finetune_top=2, quant_eval=2)
+
+
+def test_a_fine_tune_spread_sends_candidates_that_differ_to_the_second_stage_decision_logic(tmp_path: Path) -> None:
+    """With `finetune_spread` D the fine-tuned candidates are the most accurate that differ from each other in
+    at least D genes, not the most accurate one and its mutants; where too few differ, the most accurate of
+    the others top them up. Controlled scores and timings; nothing is trained or measured."""
+    space = get_space("digits")
+    base = space.sample(random.Random(0))
+    near = Arch.from_dict(base.to_dict())  # stands for a mutant that changed no gene: distance 0
+    far = next(a for a in (space.sample(random.Random(s)) for s in range(2, 200)) if a.gene_distance(base) >= 4)
+    assert base.gene_distance(near) == 0 and base.gene_distance(base) == 0
+    ranked = [{"digest": f"d{i}", "top1": 90.0 - i, "arch": a.to_dict()} for i, a in enumerate((base, near, far))]
+    score = {"d0": 50.0, "d1": 60.0, "d2": 55.0}
+
+    plain = reranked_by_finetuning(ranked, 2, lambda e: score[e["digest"]])
+    assert [e["digest"] for e in plain] == ["d1", "d0", "d2"] and "finetuned_top1" not in plain[2]
+    spread = reranked_by_finetuning(ranked, 2, lambda e: score[e["digest"]], spread=4)
+    assert [e["digest"] for e in spread] == ["d2", "d0", "d1"] and "finetuned_top1" not in spread[2]
+    # Only two archs are 4 genes apart; the third place goes to the most accurate of the rest.
+    topped_up = reranked_by_finetuning(ranked, 3, lambda e: score[e["digest"]], spread=4)
+    assert [e["digest"] for e in topped_up] == ["d1", "d2", "d0"]
+    assert all("finetuned_top1" in e for e in topped_up)
+
+    # In the search: the fine-tuned candidates are pairwise at least D genes apart.
+    table = made_up_table(space)
+    budget = Budget(budget_at(table, 0.5))
+    tuned: list[Arch] = []
+
+    def finetuned(arch: Arch, weights: str) -> float:
+        tuned.append(arch)
+        return fitness(arch)
+
+    cfg = SearchConfig(**{**SMALL.__dict__, "finetune_top": 3, "finetune_spread": 3})
+    engine(tmp_path / "spread", [budget], Controlled(table), cfg=cfg, finetuned=finetuned).run_search()
+    assert len(tuned) == 3 and all(a.gene_distance(b) >= 3 for a, b in itertools.combinations(tuned, 2))
+    with pytest.raises(ValueError, match="no gene distance"):
+        base.gene_distance(Arch(base.blocks[:-1]))
+
+
+def test_a_search_state_written_before_a_setting_existed_resumes_at_its_default(tmp_path: Path) -> None:
+    """A state whose config lacks a setting added since (here `finetune_spread`) resumes when that setting is at
+    its default, and is refused when it is not. Controlled timings; nothing is measured."""
+    table = made_up_table(get_space("digits"))
+    budget = Budget(budget_at(table, 0.5))
+    done = engine(tmp_path / "old", [budget], Controlled(table)).run_search()["budgets"][budget.label]
+    state_path = tmp_path / "old" / "search" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["finetune_spread"]
+    state_path.write_text(json.dumps(state))
+    resumed = engine(tmp_path / "old", [budget], Controlled(table)).run_search(resume=True)
+    assert resumed["budgets"][budget.label]["digest"] == done["digest"]
+    cfg = SearchConfig(**{**SMALL.__dict__, "finetune_spread": 2})
+    with pytest.raises(RunError, match="finetune_spread 0 -> 2"):
+        engine(tmp_path / "old", [budget], Controlled(table), cfg=cfg).run_search(resume=True)

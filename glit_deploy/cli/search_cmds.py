@@ -59,6 +59,9 @@ def search_cmd(
                                               "near-tied archs by chance. 0: inherited accuracy alone.")] = 0,
     finetune_steps: Annotated[int, typer.Option(min=1, help="Steps (batch 128) of each --finetune-top "
                                                 "fine-tune.")] = 400,
+    finetune_spread: Annotated[int, typer.Option(min=0, help="With --finetune-top: fine-tune the most accurate "
+                                                 "candidates that differ from each other in at least D genes, "
+                                                 "not one arch and its mutants. 0: the K most accurate.")] = 0,
     population: Annotated[int, typer.Option(min=2)] = 50,
     generations: Annotated[int, typer.Option(min=1, help="Generations per level.")] = 20,
     parents: Annotated[int, typer.Option(min=1)] = 10,
@@ -99,7 +102,8 @@ def search_cmd(
                        crossovers=crossovers, mutation_prob=mutation_prob, seed=seed, max_params=max_params,
                        max_macs=max_macs, calib_batches=calib_batches, batch_size=eval_batch_size,
                        fixed_split=_parse_split(fixed_split), latency_margin=latency_margin,
-                       quant_eval=quant_eval, finetune_top=finetune_top, finetune_steps=finetune_steps)
+                       quant_eval=quant_eval, finetune_top=finetune_top, finetune_steps=finetune_steps,
+                       finetune_spread=finetune_spread)
     if quant_eval and precision != "int8":
         raise GlitError("--quant-eval scores candidates quantized: it needs --precision int8")
     summary = search(RunDir(run), budgets, target_from_options(target, threads, precision), batch_size, cfg,

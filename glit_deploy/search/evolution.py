@@ -84,6 +84,9 @@ class SearchConfig:
     # orders near-tied archs by chance (BENCHMARKS section 12). 0: inherited top-1 alone.
     finetune_top: int = 0
     finetune_steps: int = 400
+    # With finetune_top: the fine-tuned candidates must differ in at least this many genes from each other
+    # (`reranked_by_finetuning`), so that they are not one arch and its mutants. 0: the most accurate.
+    finetune_spread: int = 0
 
     def __post_init__(self) -> None:
         if self.finetune_top and self.quant_eval:
@@ -291,7 +294,10 @@ class EvolutionarySearch:
             raise RunError(f"{self.state_path} was written by another version of glit's search; start a new search "
                            "in another run directory")
         given = {"budgets": [b.label for b in self.budgets], "space": self.space.digest, **asdict(self.cfg)}
-        stored = {"budgets": state.get("budgets"), "space": state.get("space_digest"), **state.get("config", {})}
+        # A setting added since the state was written reads as its default there.
+        defaults = {f.name: f.default for f in fields(SearchConfig)}
+        stored = {"budgets": state.get("budgets"), "space": state.get("space_digest"),
+                  **defaults, **state.get("config", {})}
         changed = [f"{k} {stored.get(k)} -> {v}" for k, v in given.items() if stored.get(k) != v]
         if changed:
             raise RunError(f"{self.state_path} is a search with other settings ({'; '.join(changed)}): resume it "
@@ -502,10 +508,13 @@ class EvolutionarySearch:
         `finetune_top` K the K most accurate are fine-tuned and lead, by fine-tuned accuracy
         (`reranked_by_finetuning`), and under `quant_eval` K the K most accurate are scored quantized
         and lead, by int8 accuracy."""
-        pool = self.candidates(budget, weights)[: self.cfg.winner_candidates]
+        candidates = self.candidates(budget, weights)
+        pool = candidates[: self.cfg.winner_candidates]
         if self.cfg.finetune_top and self.finetuned_fn is not None:
-            return reranked_by_finetuning(pool, self.cfg.finetune_top,
-                                          lambda e: self._finetuned_top1(Arch.from_dict(e["arch"]), weights))
+            # From all of the budget's candidates: with a spread, the fine-tuned may lie past the pool.
+            return reranked_by_finetuning(candidates, self.cfg.finetune_top,
+                                          lambda e: self._finetuned_top1(Arch.from_dict(e["arch"]), weights),
+                                          self.cfg.finetune_spread)[: self.cfg.winner_candidates]
         k = min(self.cfg.quant_eval, len(pool)) if self.quantized_fn is not None else 0
         if k == 0:
             return pool

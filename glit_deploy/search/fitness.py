@@ -104,16 +104,34 @@ def finetuned_top1(supernet: Supernet, arch: Arch, bundle: DataBundle, cfg: Fine
     return scores
 
 
-def reranked_by_finetuning(ranked: Sequence[dict[str, Any]], top: int, score: Callable[[dict[str, Any]], float]
-                           ) -> list[dict[str, Any]]:
-    """The order in which a budget's candidates are measured when the `top` most accurate of `ranked`
-    (most accurate first, by inherited top-1) are fine-tuned: those, by fine-tuned top-1 (`score`; ties
-    by inherited top-1, then digest), each carrying its `finetuned_top1`, then the rest as they were.
-    The search and random search, which is compared with it, share this rule."""
+def reranked_by_finetuning(ranked: Sequence[dict[str, Any]], top: int, score: Callable[[dict[str, Any]], float],
+                           spread: int = 0) -> list[dict[str, Any]]:
+    """The order in which a budget's candidates are measured when `top` of `ranked` (most accurate first,
+    by inherited top-1) are fine-tuned: those, by fine-tuned top-1 (`score`; ties by inherited top-1, then
+    digest), each carrying its `finetuned_top1`, then the rest as they were.
+
+    With `spread` 0 the fine-tuned are the `top` most accurate. With `spread` D they are the most accurate
+    that differ from each other in at least D genes (`Arch.gene_distance`), topped up with the most accurate
+    of the others where too few do: an evolutionary search's most accurate candidates are mostly one arch
+    and its mutants, overrated together (BENCHMARKS section 12, batch 4), and the fine-tune can only choose
+    between what it is given. The search and random search, which is compared with it, share this rule."""
     k = min(top, len(ranked))
-    head = [{**entry, "finetuned_top1": score(entry)} for entry in ranked[:k]]
+    chosen: list[int] = []
+    if spread > 0:
+        archs: list[Arch] = []
+        for i, entry in enumerate(ranked):
+            if len(chosen) == k:
+                break
+            arch = Arch.from_dict(entry["arch"])
+            if all(arch.gene_distance(other) >= spread for other in archs):
+                chosen.append(i)
+                archs.append(arch)
+    picked = set(chosen)
+    chosen += [i for i in range(len(ranked)) if i not in picked][: k - len(chosen)]
+    picked = set(chosen)
+    head = [{**ranked[i], "finetuned_top1": score(ranked[i])} for i in chosen]
     head.sort(key=lambda e: (-e["finetuned_top1"], -e["top1"], e["digest"]))
-    return head + list(ranked[k:])
+    return head + [entry for i, entry in enumerate(ranked) if i not in picked]
 
 
 def _top1(model: nn.Module, loader: DataLoader, device: torch.device) -> float:

@@ -8,13 +8,16 @@ fine-tuned scores) and that seed's evolutionary search state (`OUT/search-evolut
 its evaluations and the fine-tuned scores it keeps), and reports per seed and search:
 
 - the inherited top-1 of the K fine-tuned candidates, and their fine-tuned top-1 (best and mean);
-- their mean pairwise gene distance: of the 5 genes a block (global heads, MLP ratio, e_v, e_c, kernel)
-  over all blocks, how many differ between two of them (a gene a block lacks counts as its own value);
+- their mean pairwise gene distance (`Arch.gene_distance`, the one `--finetune-spread` uses): of the 5
+  genes a block over all blocks, how many differ between two of them;
 - the mean inherited top-1 over all evaluations, and how many archs both searches evaluated.
 
     python bench/evidence_second_stage.py --seeds 0,1 \\
         --batch-json 'bench/evidence/cifar10-batch4-seed{seed}.json' --out '/work/evidence/b4/s{seed}' \\
         --json-out bench/evidence/cifar10-batch4-second-stage.json --plot bench/evidence/cifar10-batch4-second-stage.png
+
+A batch that ran only the evolution step (batch 5: `--finetune-spread`) is compared with an earlier batch's
+random search under the same budget: `--random-json 'bench/evidence/cifar10-batch4-seed{seed}.json'`.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ import argparse
 import itertools
 import json
 import statistics
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from glit_deploy.atomic_io import atomic_write_json
+from glit_deploy.atomic_io import atomic_write, atomic_write_json
+from glit_deploy.space import Arch, BlockGenes
 
-GENES = ("global_heads", "mlp_ratio", "e_v", "e_c", "kernel")
 console = Console()
 
 
@@ -39,17 +43,14 @@ class EvidenceError(Exception):
     """A missing or mismatched input, reported in one line."""
 
 
-def genes(arch: dict[str, Any]) -> list[Any]:
-    return [block.get(gene) for block in arch["blocks"] for gene in GENES]
-
-
-def gene_distance(a: dict[str, Any], b: dict[str, Any]) -> int:
-    return sum(x != y for x, y in zip(genes(a), genes(b), strict=True))
-
-
 def mean_pairwise_distance(archs: list[dict[str, Any]]) -> float:
-    pairs = list(itertools.combinations(archs, 2))
-    return statistics.mean(gene_distance(a, b) for a, b in pairs) if pairs else 0.0
+    """The mean of `Arch.gene_distance` over every pair of `archs` (the distance `--finetune-spread` uses)."""
+    pairs = list(itertools.combinations([Arch.from_dict(a) for a in archs], 2))
+    return statistics.mean(a.gene_distance(b) for a, b in pairs) if pairs else 0.0
+
+
+def gene_count(arch: dict[str, Any]) -> int:
+    return len(arch["blocks"]) * len(fields(BlockGenes))
 
 
 def summarise(name: str, evaluations: dict[str, dict[str, Any]], finetuned: dict[str, float]) -> dict[str, Any]:
@@ -64,28 +65,37 @@ def summarise(name: str, evaluations: dict[str, dict[str, Any]], finetuned: dict
                            for d in top],
             "best_finetuned": finetuned[top[0]], "mean_finetuned": round(statistics.mean(finetuned.values()), 2),
             "mean_pairwise_gene_distance": round(mean_pairwise_distance([evaluations[d]["arch"] for d in top]), 1),
-            "genes": len(genes(next(iter(evaluations.values()))["arch"]))}
+            "genes": gene_count(next(iter(evaluations.values()))["arch"])}
 
 
-def read_seed(seed: int, batch_json: Path, out: Path) -> dict[str, Any]:
-    if not batch_json.exists():
-        raise EvidenceError(f"{batch_json} does not exist (bench/evidence_cifar.py --json-out)")
+def read_seed(seed: int, batch_json: Path, out: Path, random_json: Path | None = None) -> dict[str, Any]:
+    """One seed's two searches: the evolution of `out`'s state, random search of `random_json` (default
+    `batch_json`: a batch that ran only the evolution step compares with an earlier batch's random search)."""
+    for path in (batch_json, random_json or batch_json):
+        if not path.exists():
+            raise EvidenceError(f"{path} does not exist (bench/evidence_cifar.py --json-out)")
     state_path = out / "search-evolution" / "search" / "state.json"
     if not state_path.exists():
         raise EvidenceError(f"{state_path} does not exist: the seed's evolutionary search state is needed")
     batch, state = json.loads(batch_json.read_text()), json.loads(state_path.read_text())
-    if not batch.get("random", {}).get("finetuned") or not state.get("finetuned"):
+    random_batch = json.loads(random_json.read_text()) if random_json else batch
+    if not random_batch.get("random", {}).get("finetuned") or not state.get("finetuned"):
         raise EvidenceError(f"seed {seed}: no fine-tuned scores (was it run with --finetune-top?)")
+    if random_batch["budget_ms"] != batch["budget_ms"]:
+        raise EvidenceError(f"seed {seed}: {random_json} searched under {random_batch['budget_ms']} ms, "
+                            f"{batch_json} under {batch['budget_ms']} ms: not comparable")
     evolution = summarise("evolution", {k.split(":", 1)[1]: v for k, v in state["evaluations"].items()},
                           {k.split(":", 1)[1]: v for k, v in state["finetuned"].items()})
-    random_search = summarise("random search", {e["digest"]: e for e in batch["random"]["evaluations"]},
-                              batch["random"]["finetuned"])
+    random_search = summarise("random search", {e["digest"]: e for e in random_batch["random"]["evaluations"]},
+                              random_batch["random"]["finetuned"])
     shared = {c["digest"] for c in evolution["candidates"]} & {c["digest"] for c in random_search["candidates"]}
     return {"seed": seed, "budget_ms": batch["budget_ms"], "evolution": evolution, "random_search": random_search,
             "finetuned_difference": round(evolution["best_finetuned"] - random_search["best_finetuned"], 2),
             "shared_candidates": sorted(shared),
             "winners": {"evolution": batch["evolution"]["winner"]["digest"],
-                        "random_search": batch["random"]["winner"]["digest"]}}
+                        "random_search": random_batch["random"]["winner"]["digest"]},
+            "finetune_spread": batch["settings"]["search"].get("finetune_spread", 0),
+            "random_finetune_spread": random_batch["settings"]["search"].get("finetune_spread", 0)}
 
 
 def plot(seeds: list[dict[str, Any]], path: Path) -> None:
@@ -107,8 +117,7 @@ def plot(seeds: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("fine-tuned top-1 (%)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -117,11 +126,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1", help="comma list of search seeds")
     parser.add_argument("--batch-json", default="bench/evidence/cifar10-batch4-seed{seed}.json")
     parser.add_argument("--out", default="/work/evidence/b4/s{seed}", help="each seed's evidence_cifar --out")
+    parser.add_argument("--random-json", help="each seed's JSON whose random search to compare with (default: "
+                                              "--batch-json's own)")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     try:
-        seeds = [read_seed(int(s), Path(args.batch_json.format(seed=s)), Path(args.out.format(seed=s)))
+        seeds = [read_seed(int(s), Path(args.batch_json.format(seed=s)), Path(args.out.format(seed=s)),
+                           Path(args.random_json.format(seed=s)) if args.random_json else None)
                  for s in args.seeds.split(",")]
     except EvidenceError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -20,7 +20,9 @@ reads what was published:
 - with `--remeasure S`: every winner's file and the reference files timed again here, all interleaved in
   one run, as ratios to the first seed's evolution winner (the comparison at equal latency).
 
-A published model whose arch is not the one its seed's JSON names is refused, not reported.
+A published model whose arch is not the one its seed's JSON names is refused, not reported. With
+`--retrained-elsewhere DIR`, a winner whose arch an earlier batch already retrained with the same retraining
+seed and recipe is read from there (and the report says so), instead of being retrained again.
 
     python bench/evidence_seeds.py --seeds 0,1,2 --remeasure 8 \\
         --json-out bench/evidence/cifar10-batch3.json --plot bench/evidence/cifar10-batch3.png
@@ -59,9 +61,23 @@ POOLED_ROLES = (*WINNERS, "all-global", "random")  # GLiT archs with an inherite
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
-def seed_winners(seed: int, state: dict[str, Any], models_dir: Path, retrain_seed: int) -> dict[str, Any]:
+def retrained_elsewhere(digest: str, retrain_seed: int, directories: list[Path]) -> Path | None:
+    """The sidecar of a model of arch `digest` retrained with `retrain_seed` in one of `directories` (the first
+    found), or None. The caller checks that its recipe is this batch's."""
+    for directory in directories:
+        for path in sorted(directory.glob("*.json")):
+            record = json.loads(path.read_text())
+            if (record.get("digest") == digest and record.get("role") in POOLED_ROLES
+                    and (record.get("recipe") or {}).get("seed") == retrain_seed):
+                return path
+    return None
+
+
+def seed_winners(seed: int, state: dict[str, Any], models_dir: Path, retrain_seed: int,
+                 elsewhere: list[Path] = ()) -> dict[str, Any]:
     """Both winners of one search seed: what the search chose, and what retraining made of it (None until
-    its job is published)."""
+    its job is published). A winner not published in `models_dir` is taken from a model of the same arch and
+    retraining seed in `elsewhere`, when there is one, and marked `retrained_in`."""
     row: dict[str, Any] = {"search_seed": seed, "models_dir": str(models_dir)}
     for role, step in WINNERS.items():
         winner = (state.get(step) or {}).get("winner")
@@ -71,13 +87,18 @@ def seed_winners(seed: int, state: dict[str, Any], models_dir: Path, retrain_see
         entry = {"digest": winner["digest"], "inherited_top1": winner["top1"], "search_measured_ms": winner.get(
             "measured_ms"), "name": name, "val_top1": None, "measured_ms": None, "onnx": None, "epochs": None}
         sidecar = models_dir / f"{name}.json"
+        if not sidecar.exists():
+            sidecar = retrained_elsewhere(winner["digest"], retrain_seed, list(elsewhere)) or sidecar
+            if sidecar.exists():
+                entry["retrained_in"] = str(sidecar)
         if sidecar.exists():
             record = json.loads(sidecar.read_text())
             if record["digest"] != winner["digest"]:
                 raise RetrainEvidenceError(f"{sidecar} holds arch {record['digest']}, but search seed {seed}'s "
                                            f"{step} winner is {winner['digest']}: wrong --models-dir for this seed?")
             entry.update(val_top1=record["val_top1"], measured_ms=record["measured_ms"], epochs=record["epochs"],
-                         onnx=str(models_dir / record["onnx_file"]) if record.get("onnx_file") else None)
+                         recipe=record.get("recipe"),
+                         onnx=str(sidecar.parent / record["onnx_file"]) if record.get("onnx_file") else None)
         row[role] = entry
     evo, rs = row["evolution"], row["random-search"]
     row["delta_inherited"] = evo["inherited_top1"] - rs["inherited_top1"]
@@ -229,6 +250,12 @@ def print_result(result: dict[str, Any]) -> None:
         pooled.add_row(entry["digest"][:8], fmt(entry["inherited_top1"], 2, " %"),
                        fmt(entry["retrained_top1"], 2, " %"), ", ".join(entry["sources"]))
     out.print(pooled)
+    for row in result["seeds"]:
+        for role in WINNERS:
+            if row[role].get("retrained_in"):
+                out.print(f"search seed {row['search_seed']}'s {role} winner {row[role]['digest'][:8]} was not "
+                          f"retrained for this batch: read from {row[role]['retrained_in']} (the same arch, "
+                          "retraining seed and recipe)")
     if result["pending"]:
         out.print(f"not yet published: {', '.join(result['pending'])}")
     if timing:
@@ -250,6 +277,10 @@ def main() -> int:
                         default=[REPO / "bench" / "models" / "cifar10", REPO / "bench" / "models" / "cifar10-repick"],
                         help="directories of earlier models scored on the same supernet, pooled into a second tau "
                              "(default: batch 1's and its re-pick's, both on checkpoint ecddcc5d19acb1dd)")
+    parser.add_argument("--retrained-elsewhere", type=Path, nargs="*", default=[], metavar="DIR",
+                        help="directories of earlier published models: a winner not yet published in its seed's "
+                             "--models-dir is read from a model there of the same arch and retraining seed (the "
+                             "recipes must match; the table says where each came from)")
     parser.add_argument("--near-top", type=float, default=2.0, metavar="POINTS",
                         help="a third tau over the pooled archs within POINTS of the best inherited top-1: the "
                              "archs a search chooses between")
@@ -270,7 +301,12 @@ def main() -> int:
         batch_json = REPO / args.batch_json.format(seed=seed)
         models_dir = REPO / args.models_dir.format(seed=seed)
         rows.append(seed_winners(seed, load_json(batch_json, "run bench/evidence_cifar.py --seed first"),
-                                 models_dir, args.retrain_seed))
+                                 models_dir, args.retrain_seed, args.retrained_elsewhere))
+    recipes = {json.dumps(row[role]["recipe"], sort_keys=True) for row in rows for role in WINNERS
+               if row[role].get("recipe") is not None}
+    if len(recipes) > 1:
+        raise RetrainEvidenceError("the winners were retrained with different recipes: not one schedule, not "
+                                   "comparable (" + " | ".join(sorted(recipes)) + ")")
     references = reference_records(args.reference)
 
     retrained = [(row[role]["inherited_top1"], row[role]["val_top1"]) for row in rows for role in WINNERS

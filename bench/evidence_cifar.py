@@ -27,7 +27,9 @@ With `--finetune-top K` both the evolution (`glit search --finetune-top`) and ra
 most accurate candidates from the inherited weights and take them in that order (the one rule,
 `glit_deploy.search.fitness.reranked_by_finetuning`); a score the evolution computed for an arch is reused by
 random search. `--finetune-spread D` makes both fine-tune the most accurate candidates that are pairwise at
-least D genes apart instead (`glit search --finetune-spread`). The evolution searches on the table this
+least D genes apart instead (`glit search --finetune-spread`). `--finetune-splits K` makes the evolution
+fine-tune its K most accurate level-1 candidates and search the best one's split at level 2
+(`glit search --finetune-splits`). The evolution searches on the table this
 JSON's budget comes from (`--latency-table`).
 
 Every step is skipped when the JSON records it as done; the random and ranking steps save after every
@@ -285,8 +287,9 @@ def search_settings(cfg: SearchConfig) -> dict[str, Any]:
     """The search's settings as a JSON records them; a setting added since that is at its default is left
     out, so that a JSON written before it still resumes."""
     settings = asdict(cfg)
-    if not settings["finetune_spread"]:
-        del settings["finetune_spread"]
+    for added in ("finetune_spread", "finetune_splits"):
+        if not settings[added]:
+            del settings[added]
     return settings
 
 
@@ -645,6 +648,8 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=400)
     parser.add_argument("--finetune-spread", type=int, default=0,
                         help="the search's --finetune-spread, for the evolution and random search alike")
+    parser.add_argument("--finetune-splits", type=int, default=0,
+                        help="the evolution's --finetune-splits (random search has no levels)")
     parser.add_argument("--calib-batches", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=parse_steps, default=list(STEPS),
@@ -673,7 +678,7 @@ def main() -> None:
     cfg = SearchConfig(population=args.population, generations=args.generations, parents=args.parents,
                        mutations=args.children, crossovers=args.children, calib_batches=args.calib_batches,
                        finetune_top=args.finetune_top, finetune_steps=args.finetune_steps,
-                       finetune_spread=args.finetune_spread,
+                       finetune_spread=args.finetune_spread, finetune_splits=args.finetune_splits,
                        seed=args.seed)
     settings = {"supernet_run": str(source.path), "supernet": supernet_fingerprint(source), "space": space.name,
                 "space_digest": space.digest, "data": meta["data"].get("spec"), "target": args.target,

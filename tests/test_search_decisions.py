@@ -396,6 +396,42 @@ def test_a_fine_tune_spread_sends_candidates_that_differ_to_the_second_stage_dec
         base.gene_distance(Arch(base.blocks[:-1]))
 
 
+def test_fine_tuned_splits_choose_the_split_that_level_2_searches_decision_logic(tmp_path: Path) -> None:
+    """Under `finetune_splits` K the K most accurate level-1 candidates (one split each) are fine-tuned before
+    level 1 ends, and level 2 searches the split of the best fine-tuned; here a made-up fine-tuned score
+    reverses their order, so level 2 gets the K-th split. Controlled scores and timings; nothing is trained
+    or measured."""
+    table = made_up_table(get_space("digits"))
+    budget = Budget(budget_at(table, 0.5))
+    plain = engine(tmp_path / "plain", [budget], Controlled(table))
+    plain.run_search()
+    level1 = [e for e in plain.candidates(budget, "supernet")
+              if plain.state["pools"][budget.label][f"supernet:{e['digest']}"] == 1]
+    by_split: dict[tuple[int, ...], dict] = {}
+    for entry in level1:  # most accurate first
+        by_split.setdefault(Arch.from_dict(entry["arch"]).split, entry)
+    top3 = list(by_split.values())[:3]
+    assert [tuple(plain.state["level1"][budget.label]["split"])] == [tuple(Arch.from_dict(top3[0]["arch"]).split)]
+    tuned: list[str] = []
+
+    def finetuned(arch: Arch, weights: str) -> float:
+        tuned.append(arch.digest)
+        return 100.0 - fitness(arch)
+
+    cfg = SearchConfig(**{**SMALL.__dict__, "finetune_splits": 3})
+    search = engine(tmp_path / "splits", [budget], Controlled(table), cfg=cfg, finetuned=finetuned)
+    search.run_search()
+    assert sorted(tuned) == sorted(e["digest"] for e in top3)  # level 1's three, and no final fine-tune
+    chosen = search.state["level1"][budget.label]
+    assert chosen["split"] == list(Arch.from_dict(top3[2]["arch"]).split)
+    assert chosen["finetuned_top1"] == 100.0 - fitness(Arch.from_dict(top3[2]["arch"]))
+    level2 = [e for e in search.candidates(budget, "supernet")
+              if search.state["pools"][budget.label][f"supernet:{e['digest']}"] == 2]
+    assert level2 and all(list(Arch.from_dict(e["arch"]).split) == chosen["split"] for e in level2)
+    with pytest.raises(GlitError, match="use one of them"):
+        SearchConfig(finetune_splits=2, fixed_split=[1, 1, 1])
+
+
 def test_a_search_state_written_before_a_setting_existed_resumes_at_its_default(tmp_path: Path) -> None:
     """A state whose config lacks a setting added since (here `finetune_spread`) resumes when that setting is at
     its default, and is refused when it is not. Controlled timings; nothing is measured."""

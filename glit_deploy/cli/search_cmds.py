@@ -62,6 +62,10 @@ def search_cmd(
     finetune_spread: Annotated[int, typer.Option(min=0, help="With --finetune-top: fine-tune the most accurate "
                                                  "candidates that differ from each other in at least D genes, "
                                                  "not one arch and its mutants. 0: the K most accurate.")] = 0,
+    finetune_splits: Annotated[int, typer.Option(min=0, help="Fine-tune the K most accurate level-1 candidates "
+                                                 "(one split each, --finetune-steps steps) and give level 2 the "
+                                                 "split of the best: level 2 searches that split only. 0: the "
+                                                 "most accurate's split.")] = 0,
     population: Annotated[int, typer.Option(min=2)] = 50,
     generations: Annotated[int, typer.Option(min=1, help="Generations per level.")] = 20,
     parents: Annotated[int, typer.Option(min=1)] = 10,
@@ -103,7 +107,7 @@ def search_cmd(
                        max_macs=max_macs, calib_batches=calib_batches, batch_size=eval_batch_size,
                        fixed_split=_parse_split(fixed_split), latency_margin=latency_margin,
                        quant_eval=quant_eval, finetune_top=finetune_top, finetune_steps=finetune_steps,
-                       finetune_spread=finetune_spread)
+                       finetune_spread=finetune_spread, finetune_splits=finetune_splits)
     if quant_eval and precision != "int8":
         raise GlitError("--quant-eval scores candidates quantized: it needs --precision int8")
     summary = search(RunDir(run), budgets, target_from_options(target, threads, precision), batch_size, cfg,

@@ -87,11 +87,19 @@ class SearchConfig:
     # With finetune_top: the fine-tuned candidates must differ in at least this many genes from each other
     # (`reranked_by_finetuning`), so that they are not one arch and its mutants. 0: the most accurate.
     finetune_spread: int = 0
+    # How many of a budget's most accurate level-1 candidates (one split each) are fine-tuned like
+    # `finetune_top`'s before level 1 ends; the best fine-tuned gives level 2 its split. Level 2 searches
+    # one split only, so a split the inherited score overrates caps the whole search (section 12, batch 5).
+    # 0: the split of the most accurate level-1 candidate.
+    finetune_splits: int = 0
 
     def __post_init__(self) -> None:
         if self.finetune_top and self.quant_eval:
             raise GlitError("--finetune-top and --quant-eval both reorder the most accurate candidates before "
                             "they are measured: use one of them")
+        if self.finetune_splits and self.fixed_split is not None:
+            raise GlitError("--finetune-splits chooses level 1's split by fine-tuning; --fixed-split skips level 1: "
+                            "use one of them")
 
     def finetune_config(self) -> FinetuneConfig:
         """How `finetune_top` fine-tunes each candidate: `finetune_steps` steps, the search's seed."""
@@ -394,11 +402,13 @@ class EvolutionarySearch:
     def _end_level(self, budget: Budget, level: int, cursor: dict[str, int]) -> None:
         best = self.state["parents"][0]
         if level == 1:
+            best = self._level1_choice(budget, best)
             self.state["split"] = list(Arch.from_dict(best["arch"]).split)
             self.state["level1_best"] = best["arch"]
             self.state.setdefault("level1", {})[budget.label] = {
                 "split": self.state["split"], "top1": best["top1"], "predicted_ms": best["predicted_ms"],
-                "weights": best["weights"], "arch": best["arch"]}
+                "weights": best["weights"], "arch": best["arch"],
+                **({"finetuned_top1": best["finetuned_top1"]} if "finetuned_top1" in best else {})}
             cursor.update(level=2, generation=0)
         else:
             self.state["results"][budget.label] = self._pick_winner(budget, self.weights_tag(level))
@@ -502,6 +512,22 @@ class EvolutionarySearch:
         if arch.digest in retimed:
             return [Timing.from_dict(t) for t in retimed[arch.digest]]
         return [Timing.from_dict(measured[arch.digest])]
+
+    def _level1_choice(self, budget: Budget, best: dict[str, Any]) -> dict[str, Any]:
+        """The level-1 candidate whose split level 2 searches: `best`, the most accurate, or under
+        `finetune_splits` K the best fine-tuned of the K most accurate level-1 candidates of distinct splits
+        (`reranked_by_finetuning`; each score is kept, as the winner's fine-tunes are)."""
+        if not self.cfg.finetune_splits or self.finetuned_fn is None:
+            return best
+        weights = self.weights_tag(1)
+        level1 = {key for key, level in self._pool(budget).items() if level == 1}
+        by_split: dict[tuple[int, ...], dict[str, Any]] = {}
+        for entry in self.candidates(budget, weights):  # most accurate first
+            if f"{weights}:{entry['digest']}" in level1:
+                by_split.setdefault(Arch.from_dict(entry["arch"]).split, entry)
+        ranked = reranked_by_finetuning(list(by_split.values()), self.cfg.finetune_splits,
+                                        lambda e: self._finetuned_top1(Arch.from_dict(e["arch"]), weights))
+        return ranked[0] if ranked else best
 
     def _winner_order(self, budget: Budget, weights: str) -> list[dict[str, Any]]:
         """The candidates in the order they are measured: by float32 fitness, except that under

@@ -209,7 +209,7 @@ def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, ba
     engine = EvolutionarySearch(run, space, supernet.num_classes, latency, resolved, cfg, evaluate, measure, ctx,
                                 weights_tag=weights_tag, before_level2=before_level2,
                                 quantized=quantized_top1 if target.precision == "int8" else None,
-                                finetuned=finetuned if cfg.finetune_top else None)
+                                finetuned=finetuned if cfg.finetune_top or cfg.finetune_splits else None)
     search_state["engine"] = engine
     if resume and engine.state_path.exists():
         state = json.loads(engine.state_path.read_text())

@@ -29,8 +29,8 @@ most accurate candidates from the inherited weights and take them in that order 
 random search. `--finetune-spread D` makes both fine-tune the most accurate candidates that are pairwise at
 least D genes apart instead (`glit search --finetune-spread`). `--finetune-splits K` makes the evolution
 fine-tune its K most accurate level-1 candidates and search the best one's split at level 2
-(`glit search --finetune-splits`). The evolution searches on the table this
-JSON's budget comes from (`--latency-table`).
+(`glit search --finetune-splits`). The evolution searches on the table this JSON's budget comes from
+(`--latency-table`).
 
 Every step is skipped when the JSON records it as done; the random and ranking steps save after every
 evaluation, and the two searches resume from their own state (`search/state.json`), so a killed run

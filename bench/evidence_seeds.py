@@ -35,6 +35,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ POOLED_ROLES = (*WINNERS, "all-global", "random")  # GLiT archs with an inherite
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
-def retrained_elsewhere(digest: str, retrain_seed: int, directories: list[Path]) -> Path | None:
+def retrained_elsewhere(digest: str, retrain_seed: int, directories: Sequence[Path]) -> Path | None:
     """The sidecar of a model of arch `digest` retrained with `retrain_seed` in one of `directories` (the first
     found), or None. The caller checks that its recipe is this batch's."""
     for directory in directories:
@@ -74,7 +75,7 @@ def retrained_elsewhere(digest: str, retrain_seed: int, directories: list[Path])
 
 
 def seed_winners(seed: int, state: dict[str, Any], models_dir: Path, retrain_seed: int,
-                 elsewhere: list[Path] = ()) -> dict[str, Any]:
+                 elsewhere: Sequence[Path] = ()) -> dict[str, Any]:
     """Both winners of one search seed: what the search chose, and what retraining made of it (None until
     its job is published). A winner not published in `models_dir` is taken from a model of the same arch and
     retraining seed in `elsewhere`, when there is one, and marked `retrained_in`."""
@@ -88,7 +89,7 @@ def seed_winners(seed: int, state: dict[str, Any], models_dir: Path, retrain_see
             "measured_ms"), "name": name, "val_top1": None, "measured_ms": None, "onnx": None, "epochs": None}
         sidecar = models_dir / f"{name}.json"
         if not sidecar.exists():
-            sidecar = retrained_elsewhere(winner["digest"], retrain_seed, list(elsewhere)) or sidecar
+            sidecar = retrained_elsewhere(winner["digest"], retrain_seed, elsewhere) or sidecar
             if sidecar.exists():
                 entry["retrained_in"] = str(sidecar)
         if sidecar.exists():

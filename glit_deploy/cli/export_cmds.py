@@ -126,7 +126,13 @@ def _export_onnx(rundir: Any, model: str | None, opset: int, exporter: str, opti
         table.add_row("latency", latency_text(s["latency"]))
     table.add_row("sidecar", str(result.path.with_name("model.json")))
     out.print(table)
-    warning = disturbance_warning(s["latency"]) if s.get("latency", {}).get("measured") else None
+    warn_if_disturbed(s.get("latency"))
+
+
+def warn_if_disturbed(record: dict[str, Any] | None) -> None:
+    """Say so when most rounds of a deployed file's timing were left out as disturbed: its figure then
+    describes a minority of the host's time (`disturbance_warning`)."""
+    warning = disturbance_warning(record) if record and record.get("measured") else None
     if warning:
         err.print(f"[yellow]warning:[/] the file's timing: {warning}", markup=True, highlight=False)
 

@@ -97,14 +97,14 @@ from glit_deploy.latency.budget import (
     pick_by_measurement,
     timed_candidate,
 )
-from glit_deploy.latency.measure import Protocol, Timing, time_interleaved
+from glit_deploy.latency.measure import TABLE, Protocol, Timing, time_interleaved
 from glit_deploy.nn.counting import arch_cost
 from glit_deploy.nn.model import GLiT
 from glit_deploy.rundir import RunDir
 from glit_deploy.runtimes import cpu_name
 from glit_deploy.search import SearchConfig, budget_label, parse_latency
 from glit_deploy.search.fitness import finetuned_top1, reranked_by_finetuning
-from glit_deploy.search.runner import latency_table_path, run_latency_model, search
+from glit_deploy.search.runner import given_latency_model, latency_table_path, run_latency_model, search
 from glit_deploy.space import Arch, SearchSpace, get_space
 from glit_deploy.train import evaluate_subnet, load_supernet
 
@@ -629,6 +629,21 @@ def load_state(path: Path) -> dict[str, Any]:
         raise EvidenceError(f"{path} is corrupt ({exc.msg}); move it away to start over") from None
 
 
+def source_latency_model(source: RunDir, target: Target) -> LatencyModel:
+    """The supernet run's own latency table when it was measured with this code's settings: the table every
+    earlier batch on that run took its budget from and searched on, used as it is (`glit search
+    --latency-table`'s rule: checked against the host, only warned about). Rebuilding it because a host check
+    ran under load would change the candidates' predictions between batches. Otherwise a table is measured
+    (or taken from the cache) now."""
+    path = latency_table_path(source, target.label, 1)
+    if path.exists():
+        try:
+            return given_latency_model(source, path, target, 1, TABLE)
+        except GlitError as exc:  # measured with other settings (or an older format): measure it now
+            console.print(f"[yellow]note: {exc}; measuring the table again[/yellow]")
+    return run_latency_model(source, target, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--supernet-run", type=Path, default=Path("/work/evidence/cifar-supernet"))
@@ -692,7 +707,7 @@ def main() -> None:
                             "use another --json-out and --out, or move them away to start over")
 
     target = get_target(args.target, args.latency_threads)
-    latency = run_latency_model(source, target, 1)
+    latency = source_latency_model(source, target)
     lo, hi = latency.block_range_ms(space, True), latency.block_range_ms(space, False)
     budget = parse_latency(args.budget) if args.budget else state.get("budget_ms")
     if budget is None:

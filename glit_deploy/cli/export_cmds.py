@@ -12,7 +12,7 @@ from rich.table import Table
 
 from glit_deploy.cli import RunOpt, app, err, out, user_errors
 from glit_deploy.errors import GlitError
-from glit_deploy.latency.budget import disturbance_warning
+from glit_deploy.latency.budget import slow_state_note
 
 FORMATS = ("onnx", "trt", "triton")
 
@@ -126,15 +126,15 @@ def _export_onnx(rundir: Any, model: str | None, opset: int, exporter: str, opti
         table.add_row("latency", latency_text(s["latency"]))
     table.add_row("sidecar", str(result.path.with_name("model.json")))
     out.print(table)
-    warn_if_disturbed(s.get("latency"))
+    note_slow_state(s.get("latency"))
 
 
-def warn_if_disturbed(record: dict[str, Any] | None) -> None:
-    """Say so when most rounds of a deployed file's timing were left out as disturbed: its figure then
-    describes a minority of the host's time (`disturbance_warning`)."""
-    warning = disturbance_warning(record) if record and record.get("measured") else None
-    if warning:
-        err.print(f"[yellow]warning:[/] the file's timing: {warning}", markup=True, highlight=False)
+def note_slow_state(record: dict[str, Any] | None) -> None:
+    """Say so when a deployed file's latency is the host's usual slow state, its fast state being a minority
+    of the rounds (`slow_state_note`)."""
+    note = slow_state_note(record) if record and record.get("measured") else None
+    if note:
+        err.print(f"[yellow]note:[/] the file's timing: {note}", markup=True, highlight=False)
 
 
 def latency_text(record: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from glit_deploy.cli import app, err, out, user_errors
-from glit_deploy.cli.export_cmds import latency_text, warn_if_disturbed
+from glit_deploy.cli.export_cmds import latency_text, note_slow_state
 
 
 @app.command("pipeline")
@@ -91,4 +91,4 @@ def pipeline_cmd(
     table.add_row("files", "\n".join(s["files"]))
     table.add_row("serve it", s["serve_command"])
     out.print(table)
-    warn_if_disturbed(s.get("deployed_latency"))
+    note_slow_state(s.get("deployed_latency"))

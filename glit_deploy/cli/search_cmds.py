@@ -26,7 +26,7 @@ from glit_deploy.cli import (
     user_errors,
 )
 from glit_deploy.errors import GlitError
-from glit_deploy.latency.budget import disturbance_warning
+from glit_deploy.latency.budget import slow_state_note
 
 
 def _parse_split(text: str) -> list[int] | None:
@@ -137,10 +137,9 @@ def search_cmd(
                       f"{lat['stat']} <= {lat['bound_ms']:.3f} ms (95 % bound)",
                       f"{result['params'] / 1e6:.3f} M", f"{result['macs'] / 1e6:.1f} M",
                       str(Path(run) / "search" / f"best-{label}.json"))
-        warning = disturbance_warning(lat)
-        if warning:
-            err.print(Text.assemble(("warning: ", "yellow"), f"{label}: the winner's timing: {warning}"),
-                      soft_wrap=True)
+        note = slow_state_note(lat)
+        if note:
+            err.print(Text.assemble(("note: ", "yellow"), f"{label}: the winner's timing: {note}"), soft_wrap=True)
         if result.get("rejected_over_budget"):
             err.print(f"{label}: {len(result['rejected_over_budget'])} more accurate candidate(s) measured over the "
                       "budget and were rejected (search/summary.json lists them)")

@@ -104,27 +104,27 @@ def latency_record(timing: Timing, budget: Budget | None) -> dict[str, Any]:
               "p90_ms": timing.p90_ms, "p95_ms": timing.p95_ms, "p99_ms": timing.p99_ms, "runs": timing.runs,
               "counted_runs": timing.counted_runs,
               "rounds": timing.rounds, "disturbed_rounds": timing.disturbed_rounds,
-              "all_runs_median_ms": timing.all_runs_median_ms, "converged": timing.converged}
+              "all_runs_median_ms": timing.all_runs_median_ms, "converged": timing.converged,
+              "near_floor_rounds": timing.near_floor_rounds, "near_floor_median_ms": timing.near_floor_median_ms}
     if budget is not None:
         record.update(budget.verdict(timing))
     return record
 
 
 RETIME_PAUSES_S = (5.0, 10.0)  # the pauses before the second and third timing of a contradicted reading
-MOSTLY_DISTURBED = 0.5  # above this share of rounds left out, the estimate describes a minority of the host's time
 
 
-def disturbance_warning(record: dict[str, Any]) -> str | None:
-    """A warning when most rounds of a timing (a `latency_record`) were left out as disturbed. The estimate is
-    then the host's fast minority: on a host whose slow rounds are its usual state, not other load, a model
-    deployed there runs near the median of all runs most of the time (BENCHMARKS.md section 12)."""
-    rounds, disturbed = record.get("rounds") or 0, record.get("disturbed_rounds") or 0
-    if not rounds or disturbed <= MOSTLY_DISTURBED * rounds or record.get("all_runs_median_ms") is None:
+def slow_state_note(record: dict[str, Any]) -> str | None:
+    """A note when every round of a timing (a `latency_record`) counted because the rounds near the fastest were
+    a minority (`glit_deploy.latency.measure`'s rule): the latency is then the host's usual, slower state, and
+    what it read in its fast minority is given beside it, since a quieter host may give that."""
+    rounds, near = record.get("rounds") or 0, record.get("near_floor_rounds")
+    if not rounds or near is None or near >= rounds or record.get("disturbed_rounds"):
         return None
-    return (f"{disturbed} of {rounds} rounds ran slower than the fastest and were left out as disturbed, so the "
-            f"{record['median_ms']:.4f} ms median describes the host's fast minority; the median of all runs is "
-            f"{record['all_runs_median_ms']:.4f} ms. If nothing else was running, time it again before relying "
-            "on the budget")
+    return (f"the host ran near its fastest in only {near} of {rounds} rounds (their median "
+            f"{record['near_floor_median_ms']:.4f} ms), so its slower state is its usual one and the "
+            f"{record['median_ms']:.4f} ms median counts every round. If other work was running, measuring again on "
+            "a quiet host may admit a larger model")
 
 
 def candidate_verdict(timing: Timing, budget: Budget, margin: float) -> dict[str, Any]:

@@ -8,7 +8,12 @@ timed in many short rounds and the estimate is taken from the rounds the host le
 1. a round is `round_runs` consecutive runs lasting at least `Protocol.round_ms`; its median is
    the round's value;
 2. the floor is the 10th percentile of the round values; a round more than `disturbed_tolerance`
-   (5 %) above the floor is *disturbed*, and every other round *counts*;
+   (5 %) above the floor is *disturbed*, and every other round *counts*, provided the rounds near the
+   floor are more than `min_undisturbed_share` (half) of all rounds. When they are not, the slower
+   state is the host's usual one rather than a disturbance (a shared host can spend most of its time
+   in a slow state with nothing else running: BENCHMARKS.md sections 8 and 12), and every round
+   counts: a deployed model meets the host's usual state, not its fast minority. Either way the
+   median of all the round values is at most `1 + disturbed_tolerance` times the estimate;
 3. the estimate (`median_ms`) is the median of the counted rounds' values, with a distribution-free
    95 % confidence interval from order statistics over those rounds; single-run percentiles (p90,
    p95, p99, with their own order-statistic upper bounds) are taken over the counted rounds' runs;
@@ -45,6 +50,7 @@ class Protocol:
     ci_target: float = 0.02  # stop when the 95 % interval is within +-2 % of the estimate
     max_seconds: float = 10.0  # time cap (the interval is then reported as it is)
     disturbed_tolerance: float = 0.05
+    min_undisturbed_share: float = 0.5  # no more rounds near the floor than this: the slow state is usual
     min_runs: int = 0  # single runs needed in counted rounds (a tail percentile needs many)
     min_seconds: float = 0.0  # keep timing at least this long, so a disturbed stretch shorter than it is seen
 
@@ -79,6 +85,8 @@ class Timing:
     all_runs_median_ms: float  # the plain median of every run, disturbed rounds included
     converged: bool = True  # False: the time cap ended timing before the interval reached the target
     upper_ms: dict[str, float] = field(default_factory=dict)  # 95 % upper bounds: median, p90, p95, p99
+    near_floor_rounds: int | None = None  # rounds within the tolerance of the floor (None: recorded before)
+    near_floor_median_ms: float | None = None  # their median: the host's fast state, counted or not
 
     @property
     def ci_half_width(self) -> float:
@@ -121,14 +129,16 @@ def _order_stat_bounds(n: int, q: float) -> tuple[int, int]:
     return max(lo, 0), min(hi, n - 1)
 
 
-def estimate(rounds: list[list[float]], tolerance: float = 0.05, converged: bool = True) -> Timing:
+def estimate(rounds: list[list[float]], tolerance: float = 0.05, converged: bool = True,
+             min_undisturbed_share: float = 0.5) -> Timing:
     """The latency estimate of timed rounds (each a list of single-run ms), by the module's rule."""
     rounds = [r for r in rounds if r]
     if not rounds:
         raise ValueError("no timed runs to estimate a latency from")
     values = [statistics.median(r) for r in rounds]
     floor = _percentile(sorted(values), 0.10)
-    counted = [r for r, v in zip(rounds, values, strict=True) if v <= floor * (1 + tolerance)]
+    near_floor = [r for r, v in zip(rounds, values, strict=True) if v <= floor * (1 + tolerance)]
+    counted = near_floor if len(near_floor) > min_undisturbed_share * len(rounds) else rounds
     counted_values = sorted(statistics.median(r) for r in counted)
     lo, hi = _order_stat_bounds(len(counted_values), 0.5)
     singles = sorted(ms for r in counted for ms in r)
@@ -141,7 +151,8 @@ def estimate(rounds: list[list[float]], tolerance: float = 0.05, converged: bool
         p10_ms=_percentile(singles, 0.10), p90_ms=_percentile(singles, 0.90), p95_ms=_percentile(singles, 0.95),
         p99_ms=_percentile(singles, 0.99), runs=len(everything), counted_runs=len(singles), rounds=len(rounds),
         disturbed_rounds=len(rounds) - len(counted), all_runs_median_ms=statistics.median(everything),
-        converged=converged, upper_ms=upper)
+        converged=converged, upper_ms=upper, near_floor_rounds=len(near_floor),
+        near_floor_median_ms=statistics.median(statistics.median(r) for r in near_floor))
 
 
 def summarise(samples_ms: list[float]) -> Timing:
@@ -157,7 +168,7 @@ def _round_runs(protocol: Protocol, per_run_ms: float) -> int:
 def _done(rounds: list[list[float]], protocol: Protocol, elapsed: float) -> bool:
     if len(rounds) < protocol.min_rounds or elapsed < protocol.min_seconds:
         return False
-    timing = estimate(rounds, protocol.disturbed_tolerance)
+    timing = estimate(rounds, protocol.disturbed_tolerance, min_undisturbed_share=protocol.min_undisturbed_share)
     return timing.rounds - timing.disturbed_rounds >= protocol.min_counted and timing.ci_half_width <= \
         protocol.ci_target and timing.counted_runs >= protocol.min_runs
 
@@ -178,9 +189,11 @@ def time_runs(run: Callable[[], None], protocol: Protocol = DECISION, timer: Tim
     while True:
         rounds.append([timer(run) for _ in range(per_round)])
         if _done(rounds, protocol, clock() - started):
-            return estimate(rounds, protocol.disturbed_tolerance)
+            return estimate(rounds, protocol.disturbed_tolerance,
+                            min_undisturbed_share=protocol.min_undisturbed_share)
         if clock() - started >= protocol.max_seconds and len(rounds) >= 3:
-            return estimate(rounds, protocol.disturbed_tolerance, converged=False)
+            return estimate(rounds, protocol.disturbed_tolerance, converged=False,
+                            min_undisturbed_share=protocol.min_undisturbed_share)
 
 
 def time_interleaved(runners: dict[str, Runner], protocol: Protocol) -> dict[str, Timing]:
@@ -211,7 +224,8 @@ def time_interleaved(runners: dict[str, Runner], protocol: Protocol) -> dict[str
         if time.perf_counter() - started >= protocol.max_seconds and r >= 3:
             converged = False
             break
-    return {name: estimate(rounds[name], protocol.disturbed_tolerance, converged) for name in names}
+    return {name: estimate(rounds[name], protocol.disturbed_tolerance, converged, protocol.min_undisturbed_share)
+            for name in names}
 
 
 def host_timer(run: Callable[[], None]) -> float:

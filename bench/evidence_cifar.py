@@ -310,10 +310,10 @@ def measure_within(arch: Arch, predicted_ms: float, space: SearchSpace, num_clas
         console.print(f"{arch.digest[:8]} measured {median.bound_ms(timing):.4f} ms (95 % bound), over the limit; "
                       f"predicted {predicted_ms:.4f} ms: timing it again in {pause_s:g} s")
 
-    attempts = timed_candidate(lambda: measure_arch(arch, space, num_classes, target, 1, decision_protocol([median])),
-                               predicted_ms, median, margin, before_retime)
-    record = {**latency_record(attempts[-1], median), **candidate_verdict(attempts[-1], median, margin),
-              "margin": margin}
+    attempts, decided = timed_candidate(
+        lambda: measure_arch(arch, space, num_classes, target, 1, decision_protocol([median])), predicted_ms,
+        median, margin, before_retime)
+    record = {**latency_record(decided, median), **candidate_verdict(decided, median, margin), "margin": margin}
     if len(attempts) > 1:
         record["attempts"] = [latency_record(t, median) for t in attempts]
     return record

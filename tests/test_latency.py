@@ -30,6 +30,7 @@ from glit_deploy.latency.measure import (
     Runner,
     Timing,
     estimate,
+    pooled,
     summarise,
     time_interleaved,
     time_runs,
@@ -135,23 +136,41 @@ def test_a_deployed_file_contradicting_the_search_is_timed_again_decision_logic(
     under = estimate(_controlled_rounds([0.9] * 10))
     searched = Deployment("ort-cpu", 1, 1, Budget(1.0), searched={"stat": "median", "bound_ms": 0.95})
     pauses: list[float] = []
+    # The export's rule: the rounds of every timing so far, estimated together (`pooled`), decide. A file read
+    # over its budget twice and under it once spent most of its rounds over it: refused, not accepted on the
+    # last stretch (the last timing alone used to decide).
     timings = iter([over, over, under])
-    attempts = timed_until_settled(lambda: next(timings), searched.contradicts_search, sleep=pauses.append)
-    assert attempts == [over, over, under] and pauses == list(RETIME_PAUSES_S)  # the last attempt decides
+    attempts, decided = timed_until_settled(lambda: next(timings), searched.contradicts_search, sleep=pauses.append,
+                                            combine=pooled)
+    assert attempts == [over, over, under] and pauses == list(RETIME_PAUSES_S)
+    assert decided.rounds == 30 and decided.median_ms == over.median_ms and not searched.budget.accepts(decided)
+    # A reading over the budget once, then twice under it: a stretch of load, left out of the pooled estimate.
+    pauses.clear()
+    timings = iter([over, under, under])
+    attempts, decided = timed_until_settled(lambda: next(timings), searched.contradicts_search, sleep=pauses.append,
+                                            combine=pooled)
+    assert len(attempts) == 3 and decided.disturbed_rounds == 10 and searched.budget.accepts(decided)
+    assert decided.median_ms == under.median_ms
     # At most len(RETIME_PAUSES_S) + 1 attempts: a file that stays over the budget is refused.
     pauses.clear()
-    assert timed_until_settled(lambda: over, searched.contradicts_search, sleep=pauses.append) == [over] * 3
-    assert len(pauses) == 2
+    attempts, decided = timed_until_settled(lambda: over, searched.contradicts_search, sleep=pauses.append,
+                                            combine=pooled)
+    assert attempts == [over] * 3 and len(pauses) == 2 and not searched.budget.accepts(decided)
     pauses.clear()
     # Nothing to contradict: a file within its budget, a search that measured the arch over this budget (an
     # explicit --latency-budget), another statistic, no search: the first timing decides.
     for deployment in (replace(searched, searched={"stat": "median", "bound_ms": 1.05}),
                        replace(searched, searched={"stat": "p99", "bound_ms": 0.95}),
                        replace(searched, searched=None)):
-        assert timed_until_settled(lambda: over, deployment.contradicts_search, sleep=pauses.append) == [over]
+        assert timed_until_settled(lambda: over, deployment.contradicts_search, sleep=pauses.append,
+                                   combine=pooled) == ([over], over)
         assert not pauses
-    assert timed_until_settled(lambda: under, searched.contradicts_search, sleep=pauses.append) == [under]
+    assert timed_until_settled(lambda: under, searched.contradicts_search, sleep=pauses.append) == ([under], under)
     assert not pauses
+    # Pooling needs the rounds: a timing read back from a record (to_dict keeps only the summary) has none.
+    assert "round_runs_ms" not in over.to_dict() and Timing.from_dict(over.to_dict()).median_ms == over.median_ms
+    with pytest.raises(ValueError, match="no rounds to pool"):
+        pooled([Timing.from_dict(over.to_dict()), under])
     # The refusal says how often the file was timed, against what the search measured, and what to do.
     record = {"target": "ort-cpu", "batch_size": 1, "threads": 1, "searched_bound_ms": 0.95,
               **latency_record(over, searched.budget), "attempts": [latency_record(over, searched.budget)] * 3}

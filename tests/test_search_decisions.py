@@ -126,23 +126,28 @@ def test_a_winner_measured_over_budget_is_rejected_and_the_next_taken(tmp_path: 
 
 def test_a_candidate_the_table_puts_within_is_timed_again_when_read_over_decision_logic(tmp_path: Path) -> None:
     """Decision logic of the winner check under controlled timings (not a latency measurement): a reading
-    over the budget that the latency table contradicts is taken again after a pause; the last decides."""
+    over the budget that the latency table contradicts is taken again after a pause, and the rounds of all its
+    timings together decide (`pooled`)."""
     table = made_up_table(get_space("digits"))
     budget = Budget(budget_at(table, 0.5))
     first = engine(tmp_path / "a", [budget], Controlled(table)).run_search()["budgets"][budget.label]
-    # The best candidate reads 1.3x the budget once (a stretch of load), then its usual latency.
-    spike = [steady_timing(budget.ms * 1.3), steady_timing(0.95 * table.predict_ms(Arch.from_dict(first["arch"])))]
-    controlled = Controlled(table, slow={first["digest"]: spike})
+    # The best candidate reads 1.3x the budget once (a stretch of load), then its usual latency. After one
+    # re-timing half of its rounds are slow, which is not yet a majority of fast ones: a second re-timing.
+    usual = steady_timing(0.95 * table.predict_ms(Arch.from_dict(first["arch"])))
+    controlled = Controlled(table, slow={first["digest"]: [steady_timing(budget.ms * 1.3), usual]})
     search = engine(tmp_path / "b", [budget], controlled, cfg=NO_MARGIN)
     winner = search.run_search()["budgets"][budget.label]
     assert winner["digest"] == first["digest"] and not winner["rejected_over_budget"]
-    assert controlled.measured == [first["digest"]] * 2 and controlled.pauses == [RETIME_PAUSES_S[0]]
-    (over, kept) = winner["latency"]["attempts"]
-    assert over["bound_ms"] > budget.ms and not over["within_budget"] and kept["median_ms"] == winner["measured_ms"]
+    assert controlled.measured == [first["digest"]] * 3 and controlled.pauses == list(RETIME_PAUSES_S)
+    (over, kept, kept_again) = winner["latency"]["attempts"]
+    assert over["bound_ms"] > budget.ms and not over["within_budget"] and kept == kept_again
+    # The decision is of all 36 rounds, the 12 slow ones left out as disturbed: the usual latency.
+    assert winner["latency"]["rounds"] == 36 and winner["latency"]["disturbed_rounds"] == 12
+    assert winner["measured_ms"] == usual.median_ms == kept["median_ms"]
     # Kept in the state: a repeated decision (as after a resume) reuses the attempts and measures nothing.
-    assert len(search.state["measured_attempts"][first["digest"]]) == 2
+    assert len(search.state["measured_attempts"][first["digest"]]) == 3
     again = search._pick_winner(budget, winner["weights"])
-    assert again["latency"]["attempts"] == winner["latency"]["attempts"] and len(controlled.measured) == 2
+    assert again["latency"] == winner["latency"] and len(controlled.measured) == 3
     # A candidate the table itself puts within the margin of the budget is not contradicted by a reading
     # over it: rejected on its first timing.
     margin = 1 - 0.99 * table.predict_ms(Arch.from_dict(first["arch"])) / budget.ms  # limit: 0.99x its prediction
@@ -205,15 +210,23 @@ def test_the_candidate_rule_that_random_search_shares_keeps_the_margin_decision_
     assert candidate_verdict(inside_margin_only, budget, 0.0)["within_budget"]
     assert candidate_verdict(steady_timing(1.90), budget, 0.03)["within_budget"]
 
-    # Predicted within the limit, read over it: timed again after each pause; the last reading decides.
+    # Predicted within the limit, read over it: timed again after each pause; all the rounds together decide.
+    # Over twice, then under once: two thirds of the rounds were slow, so the candidate is rejected (the last
+    # reading alone used to decide, and would have accepted it).
     readings = iter([steady_timing(2.5), steady_timing(2.4), steady_timing(1.9)])
     pauses: list[float] = []
-    attempts = timed_candidate(lambda: next(readings), 1.8, budget, 0.03, sleep=pauses.append)
+    attempts, decided = timed_candidate(lambda: next(readings), 1.8, budget, 0.03, sleep=pauses.append)
     assert [round(t.median_ms, 1) for t in attempts] == [2.5, 2.4, 1.9] and pauses == list(RETIME_PAUSES_S)
-    assert candidate_verdict(attempts[-1], budget, 0.03)["within_budget"]
+    assert decided.rounds == 36 and not candidate_verdict(decided, budget, 0.03)["within_budget"]
+    # Over once, then under twice: the slow stretch is left out, and the candidate is accepted.
+    readings = iter([steady_timing(2.5), steady_timing(1.9), steady_timing(1.9)])
+    attempts, decided = timed_candidate(lambda: next(readings), 1.8, budget, 0.03, sleep=pauses.append)
+    assert len(attempts) == 3 and decided.disturbed_rounds == 12
+    assert round(decided.median_ms, 1) == 1.9 and candidate_verdict(decided, budget, 0.03)["within_budget"]
     # Predicted over the limit already: a reading over it contradicts nothing and is not taken again.
     readings = iter([steady_timing(2.5)])
-    assert len(timed_candidate(lambda: next(readings), 1.99, budget, 0.03, sleep=pauses.append)) == 1
+    attempts, decided = timed_candidate(lambda: next(readings), 1.99, budget, 0.03, sleep=pauses.append)
+    assert len(attempts) == 1 and decided is attempts[0]
 
 
 def test_a_host_mostly_in_its_slow_state_is_timed_in_that_state_decision_logic() -> None:

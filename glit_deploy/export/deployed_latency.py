@@ -8,9 +8,9 @@ is over the budget of the search that chose its arch.
 The search measured that arch's graph within the budget; when the file then measures over it,
 two clock readings of one graph disagree, as they do when the host's load changes between them (a
 shared host's load comes in stretches of seconds). The file is then timed again after a pause,
-twice at most (`glit_deploy.latency.budget.timed_until_settled`); every attempt is recorded and the
-last one decides. A file the search did not measure within the budget is decided by its first
-measurement.
+twice at most (`glit_deploy.latency.budget.timed_until_settled`); every attempt is recorded, and the
+rounds of all of them, estimated together, decide (`glit_deploy.latency.measure.pooled`). A file the
+search did not measure within the budget is decided by its first measurement.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from glit_deploy.errors import GlitError
 from glit_deploy.latency.budget import Budget, decision_protocol, latency_record, timed_until_settled
-from glit_deploy.latency.measure import Timing
+from glit_deploy.latency.measure import Timing, pooled
 from glit_deploy.latency.targets import OrtTarget, default_target_name, get_target
 from glit_deploy.rundir import RunDir
 from glit_deploy.runtimes import RuntimeUnavailable
@@ -110,17 +110,17 @@ def time_deployed_file(path: Path, deployment: Deployment,
     protocol = decision_protocol([deployment.budget])
 
     def before_retime(timing: Timing, pause_s: float) -> None:
-        report(f"the file measured {deployment.budget.bound_ms(timing):.4f} ms (95 % bound), over the budget "
-               f"{deployment.budget} that the search measured this arch within "
+        report(f"the file measured {deployment.budget.bound_ms(timing):.4f} ms (95 % bound, every timing so far), "
+               f"over the budget {deployment.budget} that the search measured this arch within "
                f"({deployment.searched['bound_ms']:.4f} ms); timing it again in {pause_s:g} s, in case the "
                f"host's load changed")
 
     try:
-        attempts = timed_until_settled(lambda: target.measure_file(path, deployment.batch_size, protocol),
-                                       deployment.contradicts_search, before_retime)
+        attempts, decided = timed_until_settled(lambda: target.measure_file(path, deployment.batch_size, protocol),
+                                                deployment.contradicts_search, before_retime, combine=pooled)
     except RuntimeUnavailable as exc:
         return {**base, "measured": False, "reason": str(exc)}
-    record = {**base, "measured": True, **latency_record(attempts[-1], deployment.budget)}
+    record = {**base, "measured": True, **latency_record(decided, deployment.budget)}
     if deployment.searched is not None:
         record["searched_bound_ms"] = deployment.searched["bound_ms"]
     if len(attempts) > 1:
@@ -143,5 +143,6 @@ def _attempts_clause(record: dict[str, Any]) -> str:
         return ""
     bounds = ", ".join(f"{a['bound_ms']:.4f}" for a in attempts)
     return (f"; timed {len(attempts)} times because the search measured this arch within the budget "
-            f"({record['searched_bound_ms']:.4f} ms), upper bounds {bounds} ms: if the host was busy, "
+            f"({record['searched_bound_ms']:.4f} ms), upper bounds {bounds} ms, all of their rounds together "
+            f"{record['bound_ms']:.4f} ms: if the host was busy, "
             f"export again when it is quieter")

@@ -8,8 +8,11 @@ measurement too noisy to tell is a "no".
 A reading over the budget that another reading of the same model contradicts (the search measured
 the exported arch within it; the latency table put a search candidate within it) is taken again
 after a pause, twice at most (`timed_until_settled`): this host's load comes in stretches of seconds
-that can outlast one measurement. Every attempt is a full measurement and is recorded; the last one
-decides, so a model that stays over the budget is refused.
+that can outlast one measurement. Every attempt is a full measurement and is recorded, and the rounds
+of all of them are estimated together (`glit_deploy.latency.measure.pooled`), which decides: a model
+that stays over the budget is refused, and one that met the budget only in the last attempt's stretch
+of a fast state is not accepted on that stretch alone (until 2026-12-03 the last attempt decided, and
+three attempts fished for a fast stretch).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from glit_deploy.errors import GlitError
-from glit_deploy.latency.measure import DECISION, PERCENTILES, Protocol, Timing
+from glit_deploy.latency.measure import DECISION, PERCENTILES, Protocol, Timing, pooled
 
 STATS = ("median", *PERCENTILES)
 Reading = TypeVar("Reading")  # a Timing, or the Timings of models timed side by side
@@ -178,28 +181,34 @@ def pick_by_measurement(first: Sequence[dict[str, Any]], remaining: Sequence[dic
 
 def timed_candidate(measure: Callable[[], Timing], predicted_ms: float, budget: Budget, margin: float,
                     before_retime: Callable[[Timing, float], None] = lambda timing, pause_s: None,
-                    sleep: Callable[[float], None] = time.sleep) -> list[Timing]:
-    """Every timing of one search candidate (`timed_until_settled`): a median bound over the limit while the
-    latency table predicts the candidate within it is a contradiction, timed again; the last decides."""
+                    sleep: Callable[[float], None] = time.sleep) -> tuple[list[Timing], Timing]:
+    """Every timing of one search candidate and the one that decides (`timed_until_settled`, the timings
+    pooled): a median bound over the limit while the latency table predicts the candidate within it is a
+    contradiction, timed again."""
     limit_ms = budget.ms * (1 - margin)
 
     def contradicted(timing: Timing) -> bool:
         return budget.stat == "median" and predicted_ms <= limit_ms < budget.bound_ms(timing)
 
-    return timed_until_settled(measure, contradicted, before_retime, sleep)
+    return timed_until_settled(measure, contradicted, before_retime, sleep, combine=pooled)
 
 
 def timed_until_settled(measure: Callable[[], Reading], contradicted: Callable[[Reading], bool],
                         before_retime: Callable[[Reading, float], None] = lambda timing, pause_s: None,
-                        sleep: Callable[[float], None] = time.sleep) -> list[Reading]:
-    """Every timing of one model (or of several side by side), in order: one, or more while the latest
-    is `contradicted` (see the module docstring); the last one decides. `before_retime` is told each
-    contradicted timing and the pause that follows it."""
+                        sleep: Callable[[float], None] = time.sleep,
+                        combine: Callable[[list[Reading]], Reading] = lambda attempts: attempts[-1],
+                        ) -> tuple[list[Reading], Reading]:
+    """Every timing of one model (or of several side by side), in order, and the reading that decides:
+    `combine` of them (`pooled` for a model's Timings; by default the last). One timing, or more while
+    the deciding reading is `contradicted` (see the module docstring). `before_retime` is told each
+    contradicted reading and the pause that follows it."""
     attempts = [measure()]
+    decided = combine(attempts)
     for pause_s in RETIME_PAUSES_S:
-        if not contradicted(attempts[-1]):
+        if not contradicted(decided):
             break
-        before_retime(attempts[-1], pause_s)
+        before_retime(decided, pause_s)
         sleep(pause_s)
         attempts.append(measure())
-    return attempts
+        decided = combine(attempts)
+    return attempts, decided

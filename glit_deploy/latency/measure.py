@@ -21,7 +21,10 @@ timed in many short rounds and the estimate is taken from the rounds the host le
    `min_counted` counted (holding at least `min_runs` single runs), and the interval lies within
    +-`ci_target` of the estimate, or when `max_seconds` is spent. The host's disturbances last
    seconds: a decision's measurement spans 2 s, so that a disturbed stretch shorter than that
-   shows as disturbed rounds instead of as the whole measurement.
+   shows as disturbed rounds instead of as the whole measurement;
+5. a model timed again later (a reading another reading contradicts, `glit_deploy.latency.budget`) is
+   estimated from the rounds of all its timings together (`pooled`), by the same rule: a host that
+   changed state between them counts in the state it spent most rounds in, not the one it was in last.
 
 Nothing is rescaled: every number is a clock reading or an order statistic of clock readings.
 How many rounds were disturbed, and the plain median of all runs, are reported next to it.
@@ -32,8 +35,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 Z95 = 1.959964  # two-sided 95 %
 PERCENTILES = {"p90": 0.90, "p95": 0.95, "p99": 0.99}
@@ -87,6 +91,9 @@ class Timing:
     upper_ms: dict[str, float] = field(default_factory=dict)  # 95 % upper bounds: median, p90, p95, p99
     near_floor_rounds: int | None = None  # rounds within the tolerance of the floor (None: recorded before)
     near_floor_median_ms: float | None = None  # their median: the host's fast state, counted or not
+    # Every round's single runs, so that several timings of one model can be estimated as one (`pooled`);
+    # kept in memory only (not in `to_dict`): records keep the summary.
+    round_runs_ms: tuple[tuple[float, ...], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def ci_half_width(self) -> float:
@@ -103,8 +110,10 @@ class Timing:
         """The 95 % upper confidence bound of `stat`: what a budget is checked against."""
         return self.upper_ms.get(stat, self.stat_ms(stat) if stat != "median" else self.ci_high_ms)
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        del record["round_runs_ms"]
+        return record
 
     @classmethod
     def from_dict(cls, data: dict) -> Timing:
@@ -152,7 +161,20 @@ def estimate(rounds: list[list[float]], tolerance: float = 0.05, converged: bool
         p99_ms=_percentile(singles, 0.99), runs=len(everything), counted_runs=len(singles), rounds=len(rounds),
         disturbed_rounds=len(rounds) - len(counted), all_runs_median_ms=statistics.median(everything),
         converged=converged, upper_ms=upper, near_floor_rounds=len(near_floor),
-        near_floor_median_ms=statistics.median(statistics.median(r) for r in near_floor))
+        near_floor_median_ms=statistics.median(statistics.median(r) for r in near_floor),
+        round_runs_ms=tuple(tuple(r) for r in rounds))
+
+
+def pooled(timings: Sequence[Timing], tolerance: float = 0.05, min_undisturbed_share: float = 0.5) -> Timing:
+    """One estimate, by the module's rule, of the rounds of several timings of one model taken at different
+    times (a re-timing after a pause): a host that changes state between them is then timed in both states,
+    and the state it was in for most rounds is the one that counts, rather than the one the last timing met."""
+    if len(timings) == 1:
+        return timings[0]
+    if any(not t.round_runs_ms for t in timings):
+        raise ValueError("a timing read back from a record has no rounds to pool")
+    return estimate([list(r) for t in timings for r in t.round_runs_ms], tolerance,
+                    all(t.converged for t in timings), min_undisturbed_share)
 
 
 def summarise(samples_ms: list[float]) -> Timing:

@@ -466,8 +466,7 @@ class EvolutionarySearch:
         """`entry`'s winner record when its measurement meets the budget less the margin; otherwise None,
         and `entry` is added to `rejected`."""
         arch = Arch.from_dict(entry["arch"])
-        attempts = self._measured(arch, budget)
-        timing = attempts[-1]
+        attempts, timing = self._measured(arch, budget)
         verdict = candidate_verdict(timing, budget, self.cfg.latency_margin)
         if len(attempts) > 1:
             verdict["attempts"] = [latency_record(t, budget) for t in attempts]
@@ -482,13 +481,14 @@ class EvolutionarySearch:
                                                  "margin": self.cfg.latency_margin},
                 "rejected_over_budget": rejected}
 
-    def _measured(self, arch: Arch, budget: Budget) -> list[Timing]:
-        """Every timing of `arch` behind the winner decision, kept in the state: an arch is measured (and
-        re-timed, when contradicted) once, under the first budget that asks, and reused by the others.
+    def _measured(self, arch: Arch, budget: Budget) -> tuple[list[Timing], Timing]:
+        """Every timing of `arch` behind the winner decision and the one that decides, kept in the state: an
+        arch is measured (and re-timed, when contradicted) once, under the first budget that asks, and reused
+        by the others.
 
         A median over the limit while the latency table predicts the arch within it is a contradiction
         between two readings of one graph, as a change in the host's load makes; the arch is then timed
-        again after a pause (`timed_candidate`), and the last timing decides.
+        again after a pause (`timed_candidate`), and the rounds of all its timings together decide.
         """
         measured = self.state.setdefault("measured", {})
         retimed = self.state.setdefault("measured_attempts", {})
@@ -503,15 +503,14 @@ class EvolutionarySearch:
                                   f"table predicts it within ({predicted_ms:.4f} ms); timing it again in "
                                   f"{pause_s:g} s, in case the host's load changed")
 
-            attempts = timed_candidate(lambda: self.measure_fn(arch), predicted_ms, budget, self.cfg.latency_margin,
-                                       before_retime, self.sleep)
-            measured[arch.digest] = attempts[-1].to_dict()
+            attempts, decided = timed_candidate(lambda: self.measure_fn(arch), predicted_ms, budget,
+                                                self.cfg.latency_margin, before_retime, self.sleep)
+            measured[arch.digest] = decided.to_dict()
             if len(attempts) > 1:
                 retimed[arch.digest] = [t.to_dict() for t in attempts]
             self._save()
-        if arch.digest in retimed:
-            return [Timing.from_dict(t) for t in retimed[arch.digest]]
-        return [Timing.from_dict(measured[arch.digest])]
+        decided = Timing.from_dict(measured[arch.digest])
+        return [Timing.from_dict(t) for t in retimed.get(arch.digest, [measured[arch.digest]])], decided
 
     def _level1_choice(self, budget: Budget, best: dict[str, Any]) -> dict[str, Any]:
         """The level-1 candidate whose split level 2 searches: `best`, the most accurate, or under

@@ -8,10 +8,16 @@ budget) and alternates, `--loops` times:
 2. the project's measurement (`glit_deploy.latency.measure.time_runs` on `Target.file_runner`, the code
    behind `glit export` and `glit latency measure --model`), with every run's reading kept, so that the same
    rounds are estimated by today's rule and by the rule before 2026-12-03 (the rounds near the fastest
-   counted however few they were: `min_undisturbed_share=0`).
+   counted however few they were: `min_undisturbed_share=0`);
+3. with a budget, the export's whole gate (`glit_deploy.export.deployed_latency.time_deployed_file`, as
+   `glit export` runs it after a search that measured the arch within the budget: a reading over it is
+   timed again after a pause, twice at most, and all the rounds together decide), accepted or refused.
+
+A gate that holds its promise refuses the file in the loops where the plain loop reads it over the budget.
 
 It reports, per loop, those figures, whether each is within the budget, and the load average; then how
-many plain loops were over the budget and how far each rule's estimate sat from the plain median.
+many plain loops were over the budget, how far each rule's estimate sat from the plain median, and how
+often the plain loop read over the budget right after the gate accepted the file.
 
     python bench/user_timing.py --model runs/digits/export/model.onnx --loops 9 --runs 3000 \\
         --json-out bench/out/user_timing.json
@@ -25,7 +31,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from glit_deploy.atomic_io import atomic_write_json
+from glit_deploy.export.deployed_latency import Deployment, time_deployed_file
 from glit_deploy.latency import get_target
 from glit_deploy.latency.budget import Budget, decision_protocol
 from glit_deploy.latency.measure import Timing, estimate, host_timer, time_runs
@@ -86,6 +92,13 @@ def project_measurement(path: Path, threads: int, budget: Budget | None) -> tupl
     return today, earlier
 
 
+def _gate_cell(gate: dict[str, Any] | None) -> str:
+    if gate is None:
+        return ""
+    verdict = "accepted" if gate["within_budget"] else "REFUSED"
+    return f"{gate['bound_ms']:.4f} {verdict} ({len(gate.get('attempts', [])) or 1})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="an exported ONNX file (export/model.onnx)")
@@ -107,12 +120,20 @@ def main() -> None:
             status.update(f"loop {loop + 1} of {args.loops}")
             plain = plain_loop(args.model, threads, args.runs)
             today, earlier = project_measurement(args.model, threads, budget)
+            gate = None
+            if budget is not None:
+                deployment = Deployment("ort-cpu", 1, threads, budget,
+                                        searched={"stat": "median", "bound_ms": recorded.get("searched_bound_ms",
+                                                                                             budget.ms)})
+                gate = time_deployed_file(args.model, deployment)
+            # The plain loop again, right after the gate: what the user reads once the file is handed over.
+            after = plain_loop(args.model, threads, args.runs) if gate is not None else None
             rows.append({"loop": loop + 1, "load_average": os.getloadavg()[0], "plain": plain,
-                         "today": asdict(today), "earlier": asdict(earlier)})
+                         "today": today.to_dict(), "earlier": earlier.to_dict(), "gate": gate, "plain_after": after})
 
     table = Table(title=f"{args.model}: budget {budget_ms} ms, {threads} thread(s), {cpu_name()}")
     for column in ("loop", "load", "plain median", "plain p10-p90", "today's rule (bound)", "near-floor rounds",
-                   "earlier rule (bound)"):
+                   "earlier rule (bound)", "export gate (timings)", "plain after it"):
         table.add_column(column, justify="right")
 
     def mark(ms: float) -> str:
@@ -124,7 +145,10 @@ def main() -> None:
                       f"{p['p10_ms']:.4f}-{p['p90_ms']:.4f}",
                       f"{t['median_ms']:.4f} ({t['ci_high_ms']:.4f}){mark(t['ci_high_ms'])}",
                       f"{t['near_floor_rounds']} of {t['rounds']}",
-                      f"{e['median_ms']:.4f} ({e['ci_high_ms']:.4f}){mark(e['ci_high_ms'])}")
+                      f"{e['median_ms']:.4f} ({e['ci_high_ms']:.4f}){mark(e['ci_high_ms'])}",
+                      _gate_cell(r["gate"]),
+                      "" if r["plain_after"] is None else f"{r['plain_after']['median_ms']:.4f}"
+                      f"{mark(r['plain_after']['median_ms'])}")
     console.print(table)
     summary: dict[str, Any] = {}
     for rule in ("today", "earlier"):
@@ -135,6 +159,12 @@ def main() -> None:
             summary[rule]["within_budget"] = sum(r[rule]["ci_high_ms"] <= budget_ms for r in rows)
     if budget_ms:
         summary["plain_over_budget"] = sum(r["plain"]["median_ms"] > budget_ms for r in rows)
+        accepted = [r for r in rows if r["gate"]["within_budget"]]
+        summary["gate"] = {"accepted": len(accepted), "refused": len(rows) - len(accepted),
+                           "plain_after_over_budget_when_accepted":
+                               sum(r["plain_after"]["median_ms"] > budget_ms for r in accepted),
+                           "plain_after_over_budget_when_refused":
+                               sum(r["plain_after"]["median_ms"] > budget_ms for r in rows if r not in accepted)}
     for rule in ("today", "earlier"):
         q = summary[rule]["estimate_over_plain_median"]
         console.print(f"{'today' if rule == 'today' else 'the earlier'} rule: estimate / plain median "
@@ -143,6 +173,10 @@ def main() -> None:
                          if budget_ms else ""))
     if budget_ms:
         console.print(f"plain loops over the budget: {summary['plain_over_budget']} of {len(rows)}")
+        g = summary["gate"]
+        console.print(f"the export's gate accepted the file in {g['accepted']} of {len(rows)} loops; the plain "
+                      f"loop right after read over the budget in {g['plain_after_over_budget_when_accepted']} of "
+                      f"those, and in {g['plain_after_over_budget_when_refused']} of the {g['refused']} refused")
     if args.json_out:
         atomic_write_json(args.json_out, {
             "about": "bench/user_timing.py", "model": str(args.model), "budget_ms": budget_ms, "threads": threads,

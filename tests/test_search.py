@@ -19,7 +19,7 @@ from glit_deploy.search import parse_latency
 from glit_deploy.search.pareto import pareto_front
 from glit_deploy.space import Arch, get_space
 
-from .conftest import FAST_LATENCY, REPO, glit
+from .conftest import FAST_LATENCY, REPO, glit, skip_when_the_host_outran_its_table
 
 SMALL_SEARCH = ["--population", "8", "--generations", "3", "--parents", "4", "--mutations", "4", "--crossovers", "4",
                 "--calib-batches", "2", "--threads", "1", *FAST_LATENCY]
@@ -53,7 +53,8 @@ def test_two_level_search_returns_a_measured_winner_within_budget(run_copy: Path
     # On torch-cpu, level 1's split is chosen by fine-tuning its two most accurate (a few steps: the path).
     splits = ["--finetune-splits", "2", "--finetune-steps", "3"] if target == "torch-cpu" else []
     proc = glit("search", "--run", str(run_copy), "--latency-budget", f"{budget:.4f}ms", "--target", target,
-                *SMALL_SEARCH, *splits)
+                *SMALL_SEARCH, *splits, check=False)
+    skip_when_the_host_outran_its_table(proc, run_copy)
     assert "Pareto front" in proc.stdout
     search_dir = run_copy / "search"
     summary = json.loads((search_dir / "summary.json").read_text())

@@ -3,12 +3,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from glit_deploy.latency.budget import clock_to_table_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_DIR = REPO.parent / "shared" / "data" / "cifar10"
@@ -33,8 +34,8 @@ def latency_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-# A host this much slower during a search than when its latency table was measured (the search's second pass
-# records the ratio) may leave no candidate within a budget: what the rule should then say, not a failure.
+# A host this much slower during a search than when its latency table was measured (`clock_to_table_ratio`, the
+# search's second pass's ratio) may leave no candidate within a budget: what the rule should then say, not a failure.
 SLOWER_HOST = 1.1
 
 
@@ -50,7 +51,7 @@ def skip_when_the_host_outran_its_table(proc: subprocess.CompletedProcess, run: 
     assert result["digest"] is None and "none of the" in " ".join(proc.stderr.split()), proc.stderr
     rejected = result["rejected_over_budget"]
     assert rejected and all(not r["within_budget"] for r in rejected), result
-    ratio = statistics.median(r["bound_ms"] / r["predicted_ms"] for r in rejected)  # the second pass's ratio
+    ratio = clock_to_table_ratio(rejected)
     assert ratio >= SLOWER_HOST, result
     pytest.skip(f"the host read {ratio:.2f}x its latency table during the search (other load), and every "
                 f"candidate measured over {label}: refused as the rule says, so there is no winner to check")

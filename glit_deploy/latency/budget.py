@@ -150,8 +150,14 @@ def table_corrected_candidates(rejected: Sequence[dict[str, Any]], remaining: Se
     host today rejects all of the most accurate ones, while slightly smaller candidates would fit. The
     ratio only chooses which candidates are measured next; each is still accepted on its own measurement.
     """
-    ratio = statistics.median(r["bound_ms"] / r["predicted_ms"] for r in rejected)
+    ratio = clock_to_table_ratio(rejected)
     return ratio, [e for e in remaining if e["predicted_ms"] * ratio <= limit_ms][:count]
+
+
+def clock_to_table_ratio(rejected: Sequence[dict[str, Any]]) -> float:
+    """What the clock read against the latency table over rejected candidates (records with `bound_ms` and
+    `predicted_ms`): the median of each one's 95 % bound over its prediction."""
+    return statistics.median(r["bound_ms"] / r["predicted_ms"] for r in rejected)
 
 
 def pick_by_measurement(first: Sequence[dict[str, Any]], remaining: Sequence[dict[str, Any]],

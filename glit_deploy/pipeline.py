@@ -34,6 +34,7 @@ class PipelineConfig:
     precision: str = "fp32"  # the target's precision: the table, the budget, the export (int8: behind its gate)
     quant_eval: int = 0  # int8: candidates also scored quantized before the winner is chosen
     latency_budget: str = "auto"
+    latency_margin: float = 0.03  # the share a winner's measured bound stays under the budget (see glit search)
     batch_size: int = 1  # the batch size latency is measured and budgeted at
     threads: int = 0  # runtime threads for latency (0: the target's default)
     supernet_epochs: int = 20
@@ -151,7 +152,8 @@ def _search_config(cfg: PipelineConfig) -> Any:
     from glit_deploy.search import SearchConfig
 
     return SearchConfig(population=cfg.population, generations=cfg.generations, parents=cfg.parents,
-                        mutations=cfg.children, crossovers=cfg.children, seed=cfg.seed, quant_eval=cfg.quant_eval)
+                        mutations=cfg.children, crossovers=cfg.children, seed=cfg.seed, quant_eval=cfg.quant_eval,
+                        latency_margin=cfg.latency_margin)
 
 
 def _search(run: RunDir, cfg: PipelineConfig) -> None:

@@ -27,6 +27,9 @@ def pipeline_cmd(
                                            "int8 behind the accuracy gate).")] = "fp32",
     quant_eval: Annotated[int, typer.Option(min=0, help="int8: also score the K most accurate candidates "
                                             "quantized.")] = 0,
+    latency_margin: Annotated[float, typer.Option(min=0.0, max=0.5, help="The winner's measured upper bound must be "
+                                                  "this share under the budget, so the exported file, measured "
+                                                  "again, still fits on a host whose timings drift.")] = 0.03,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size latency is measured at.")] = 1,
     threads: Annotated[int, typer.Option(min=0, help="Runtime threads for latency (0: target default).")] = 0,
     supernet_epochs: Annotated[int, typer.Option(min=1)] = 20,
@@ -49,7 +52,7 @@ def pipeline_cmd(
     from glit_deploy.rundir import RunDir
 
     cfg = PipelineConfig(data=data, space=space, target=target, precision=precision, quant_eval=quant_eval,
-                         latency_budget=latency_budget,
+                         latency_budget=latency_budget, latency_margin=latency_margin,
                          batch_size=batch_size, threads=threads, supernet_epochs=supernet_epochs,
                          population=population, generations=generations, retrain_epochs=retrain_epochs,
                          retrain_init=retrain_init, calibration_models=calibration_models,

@@ -142,7 +142,9 @@ def _attempts_clause(record: dict[str, Any]) -> str:
     if len(attempts) < 2:
         return ""
     bounds = ", ".join(f"{a['bound_ms']:.4f}" for a in attempts)
+    room = 100 * (1 - record["searched_bound_ms"] / record["budget_ms"])
     return (f"; timed {len(attempts)} times because the search measured this arch within the budget "
             f"({record['searched_bound_ms']:.4f} ms), upper bounds {bounds} ms, all of their rounds together "
-            f"{record['bound_ms']:.4f} ms: if the host was busy, "
-            f"export again when it is quieter")
+            f"{record['bound_ms']:.4f} ms: if the host was busy, export again when it is quieter; if not, its "
+            f"timings drift more than the {room:.1f} % the winner kept under the budget: search again with a "
+            f"larger --latency-margin")

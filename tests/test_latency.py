@@ -4,6 +4,7 @@ import importlib.util
 import itertools
 import json
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -474,9 +475,15 @@ def test_latency_cli(trained_digits_run: Path, tmp_path: Path) -> None:
     again = glit(*profile)
     if "does not describe this host" in again.stderr:
         # The host check found the table just written off by 1.5x: it was measured in a stretch of other
-        # load (seen on this shared host), and is rightly measured again. The new table must then answer.
+        # load (seen on this shared host), and is rightly measured again. The new table should then answer,
+        # unless the host's state moved again in between (seen twice in a row beside a CIFAR-10 search):
+        # then the check must still be the rule's, with its ratios, and a table must have been measured.
         again = glit(*profile)
-    assert "cache hit" in again.stdout, again.stderr
+    if "does not describe this host" in again.stderr:
+        assert re.search(r"read [\d.]+x( then [\d.]+x)* the table", " ".join(again.stderr.split()))
+        assert "measuring the table again" in again.stderr and "mean abs. error" in again.stdout
+    else:
+        assert "cache hit" in again.stdout, again.stderr
     predicted = json.loads(glit("latency", "predict", "--run", str(trained_digits_run), "--arch", "smallest",
                                 "--target", "ort-cpu").stdout)
     assert predicted["predicted_ms"] == pytest.approx(table.predict_ms(extreme_arch(get_space("digits"), False)))

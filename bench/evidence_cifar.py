@@ -287,8 +287,8 @@ def search_settings(cfg: SearchConfig) -> dict[str, Any]:
     """The search's settings as a JSON records them; a setting added since that is at its default is left
     out, so that a JSON written before it still resumes."""
     settings = asdict(cfg)
-    for added in ("finetune_spread", "finetune_splits"):
-        if not settings[added]:
+    for added, default in (("finetune_spread", 0), ("finetune_splits", 0), ("level2_splits", 1)):
+        if settings[added] == default:
             del settings[added]
     return settings
 
@@ -665,6 +665,8 @@ def main() -> None:
                         help="the search's --finetune-spread, for the evolution and random search alike")
     parser.add_argument("--finetune-splits", type=int, default=0,
                         help="the evolution's --finetune-splits (random search has no levels)")
+    parser.add_argument("--level2-splits", type=int, default=1,
+                        help="the evolution's --level2-splits: level 2 searches level 1's K best splits")
     parser.add_argument("--calib-batches", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=parse_steps, default=list(STEPS),
@@ -694,7 +696,7 @@ def main() -> None:
                        mutations=args.children, crossovers=args.children, calib_batches=args.calib_batches,
                        finetune_top=args.finetune_top, finetune_steps=args.finetune_steps,
                        finetune_spread=args.finetune_spread, finetune_splits=args.finetune_splits,
-                       seed=args.seed)
+                       level2_splits=args.level2_splits, seed=args.seed)
     settings = {"supernet_run": str(source.path), "supernet": supernet_fingerprint(source), "space": space.name,
                 "space_digest": space.digest, "data": meta["data"].get("spec"), "target": args.target,
                 "latency_threads": args.latency_threads, "out": str(args.out), "search": search_settings(cfg)}

@@ -448,6 +448,45 @@ def test_fine_tuned_splits_choose_the_split_that_level_2_searches_decision_logic
         SearchConfig(finetune_splits=2, fixed_split=[1, 1, 1])
 
 
+def test_level_2_searches_the_details_of_several_splits_decision_logic(tmp_path: Path) -> None:
+    """Under `level2_splits` K level 2 draws, mutates and crosses the details of level 1's K best distinct
+    splits (each split's level-1 candidate a seed), never a mix of two; with `finetune_splits` the best
+    fine-tuned split leads. Controlled scores and timings; nothing is trained or measured."""
+    table = made_up_table(get_space("digits"))
+    budget = Budget(budget_at(table, 0.5))
+
+    def level_splits(search: EvolutionarySearch, level: int) -> list[tuple[int, ...]]:
+        return [Arch.from_dict(e["arch"]).split for e in search.candidates(budget, "supernet")
+                if search.state["pools"][budget.label][f"supernet:{e['digest']}"] == level]
+
+    plain = engine(tmp_path / "plain", [budget], Controlled(table))
+    plain.run_search()
+    best_splits = list(dict.fromkeys(level_splits(plain, 1)))[:3]  # most accurate first
+    assert set(level_splits(plain, 2)) == {best_splits[0]}  # the paper's level 2: one split
+    cfg = SearchConfig(**{**SMALL.__dict__, "level2_splits": 3})
+    wide = engine(tmp_path / "wide", [budget], Controlled(table), cfg=cfg)
+    wide.run_search()
+    level2 = level_splits(wide, 2)
+    assert set(level2) == set(best_splits), (level2, best_splits)  # all three searched, and no crossed split
+    chosen = wide.state["level1"][budget.label]
+    assert [tuple(s) for s in chosen["splits"]] == best_splits and tuple(chosen["split"]) == best_splits[0]
+    assert level_splits(wide, 1) == level_splits(plain, 1)  # level 1 is the same search
+
+    def finetuned(arch: Arch, weights: str) -> float:
+        return 100.0 - fitness(arch)  # reverses level 1's order
+
+    cfg = SearchConfig(**{**SMALL.__dict__, "level2_splits": 2, "finetune_splits": 3})
+    tuned = engine(tmp_path / "tuned", [budget], Controlled(table), cfg=cfg, finetuned=finetuned)
+    tuned.run_search()
+    chosen = tuned.state["level1"][budget.label]
+    assert [tuple(s) for s in chosen["splits"]] == [best_splits[2], best_splits[1]]
+    assert set(level_splits(tuned, 2)) == {best_splits[2], best_splits[1]}
+    for bad, match in (({"level2_splits": 0}, "at least 1"), ({"level2_splits": 2, "fixed_split": [1, 1, 1]},
+                                                              "use one of them")):
+        with pytest.raises(GlitError, match=match):
+            SearchConfig(**bad)
+
+
 def test_a_search_state_written_before_a_setting_existed_resumes_at_its_default(tmp_path: Path) -> None:
     """A state whose config lacks a setting added since (here `finetune_spread`) resumes when that setting is at
     its default, and is refused when it is not. Controlled timings; nothing is measured."""

@@ -66,6 +66,9 @@ def search_cmd(
                                                  "(one split each, --finetune-steps steps) and give level 2 the "
                                                  "split of the best: level 2 searches that split only. 0: the "
                                                  "most accurate's split.")] = 0,
+    level2_splits: Annotated[int, typer.Option(min=1, help="Level 2 searches the details of level 1's K best "
+                                               "splits (distinct; with --finetune-splits the best fine-tuned "
+                                               "first), not of one split only.")] = 1,
     population: Annotated[int, typer.Option(min=2)] = 50,
     generations: Annotated[int, typer.Option(min=1, help="Generations per level.")] = 20,
     parents: Annotated[int, typer.Option(min=1)] = 10,
@@ -107,7 +110,8 @@ def search_cmd(
                        max_macs=max_macs, calib_batches=calib_batches, batch_size=eval_batch_size,
                        fixed_split=_parse_split(fixed_split), latency_margin=latency_margin,
                        quant_eval=quant_eval, finetune_top=finetune_top, finetune_steps=finetune_steps,
-                       finetune_spread=finetune_spread, finetune_splits=finetune_splits)
+                       finetune_spread=finetune_spread, finetune_splits=finetune_splits,
+                       level2_splits=level2_splits)
     if quant_eval and precision != "int8":
         raise GlitError("--quant-eval scores candidates quantized: it needs --precision int8")
     summary = search(RunDir(run), budgets, target_from_options(target, threads, precision), batch_size, cfg,

@@ -92,6 +92,11 @@ class SearchConfig:
     # one split only, so a split the inherited score overrates caps the whole search (section 12, batch 5).
     # 0: the split of the most accurate level-1 candidate.
     finetune_splits: int = 0
+    # How many of level 1's best splits level 2 searches (their details, each split's level-1 candidate a
+    # seed): level 2 of one split hands the winner rule one arch and its mutants, while random search's
+    # draws span as many splits as evaluations (section 12, batch 6). The splits are level 1's most
+    # accurate distinct ones, the best fine-tuned first under `finetune_splits`. 1: the paper's one split.
+    level2_splits: int = 1
 
     def __post_init__(self) -> None:
         if self.finetune_top and self.quant_eval:
@@ -99,6 +104,11 @@ class SearchConfig:
                             "they are measured: use one of them")
         if self.finetune_splits and self.fixed_split is not None:
             raise GlitError("--finetune-splits chooses level 1's split by fine-tuning; --fixed-split skips level 1: "
+                            "use one of them")
+        if self.level2_splits < 1:
+            raise GlitError(f"--level2-splits must be at least 1, not {self.level2_splits}")
+        if self.level2_splits > 1 and self.fixed_split is not None:
+            raise GlitError("--level2-splits searches several of level 1's splits; --fixed-split skips level 1: "
                             "use one of them")
 
     def finetune_config(self) -> FinetuneConfig:
@@ -203,16 +213,17 @@ class EvolutionarySearch:
         """This budget's candidates: cache key -> level it was considered at."""
         return self.state.setdefault("pools", {}).setdefault(budget.label, {})
 
-    def initial_population(self, level: int, budget: Budget, split: tuple[int, ...] | None,
+    def initial_population(self, level: int, budget: Budget, splits: Sequence[tuple[int, ...]] | None,
                            seed: list[Arch] | None = None) -> list[Arch]:
-        """The feasible `seed` archs (see `_seeds`) first, then random feasible archs."""
+        """The feasible `seed` archs (see `_seeds`) first, then random feasible archs: at level 2 of the
+        given `splits` (the split of each drawn at random; None: any split)."""
         space, rng = self.space, self.rng
         if level == 1:
             def make() -> Arch | None:
                 return self.level1_arch(tuple(rng.choice(space.global_heads) for _ in range(space.depth)), budget)
         else:
             def make() -> Arch | None:
-                return space.sample(rng, split=split)
+                return space.sample(rng, split=rng.choice(splits) if splits else None)
         tag = self.weights_tag(level)
         taken: set[str] = set()
         # The seed enters even when this budget considered it before (at level 1 with the same weights):
@@ -232,10 +243,14 @@ class EvolutionarySearch:
                 return self.level1_arch(space.mutate(parent, rng, prob, level="split").split, budget)
             return space.mutate(parent, rng, prob, level="details")
 
+        # Level 2 crosses the details of parents of one split: a block-wise crossover of two splits would be
+        # a split level 1 never chose.
+        pairs = [(a, b) for i, a in enumerate(parents) for b in parents[i + 1:] if level == 1 or a.split == b.split]
+
         def cross() -> Arch | None:
-            if len(parents) < 2:
+            if not pairs:
                 return None
-            a, b = rng.sample(parents, 2)
+            a, b = rng.choice(pairs)
             child = space.crossover(a, b, rng)
             return self.level1_arch(child.split, budget) if level == 1 else child
 
@@ -333,7 +348,7 @@ class EvolutionarySearch:
                     split = tuple(self.state["split"]) if self.state["split"] else None
                     if level == 2 and self.before_level2 is not None:
                         self.before_level2(split)
-                    population = self.initial_population(level, budget, split, self._seeds(level))
+                    population = self.initial_population(level, budget, self._level2_splits(), self._seeds(level))
                     if not population:
                         raise GlitError(f"no arch of the space fits {budget} with the given limits")
                     self.state["population"] = [a.to_dict() for a in population]
@@ -355,7 +370,8 @@ class EvolutionarySearch:
         start of a budget, the earlier budgets' winners (and their level-1 bests), so that a looser
         budget always considers what a tighter one found (their scores are reused, not re-drawn)."""
         if level == 2 and self.state.get("level1_best"):
-            return [Arch.from_dict(self.state["level1_best"])]
+            best = Arch.from_dict(self.state["level1_best"])
+            return [best, *(Arch.from_dict(a) for a in self.state.get("level1_others", []))]
         found = [r["arch"] for r in self.state["results"].values() if r.get("digest")]
         if level == 1:
             found += [entry["arch"] for entry in self.state.get("level1", {}).values()]
@@ -392,7 +408,7 @@ class EvolutionarySearch:
             kids = self.children(level, budget, parents)
             # An exhausted neighbourhood still keeps the population alive with fresh samples.
             if not kids:
-                kids = self.initial_population(level, budget, tuple(self.state["split"] or ()) or None)
+                kids = self.initial_population(level, budget, self._level2_splits())
             self.state["population"] = [a.to_dict() for a in kids]
             if not kids:
                 cursor["generation"] = self.cfg.generations
@@ -402,18 +418,22 @@ class EvolutionarySearch:
     def _end_level(self, budget: Budget, level: int, cursor: dict[str, int]) -> None:
         best = self.state["parents"][0]
         if level == 1:
-            best = self._level1_choice(budget, best)
+            chosen = self._level1_choice(budget, best)
+            best = chosen[0]
             self.state["split"] = list(Arch.from_dict(best["arch"]).split)
             self.state["level1_best"] = best["arch"]
+            self.state["level1_others"] = [e["arch"] for e in chosen[1:]]
             self.state.setdefault("level1", {})[budget.label] = {
                 "split": self.state["split"], "top1": best["top1"], "predicted_ms": best["predicted_ms"],
                 "weights": best["weights"], "arch": best["arch"],
-                **({"finetuned_top1": best["finetuned_top1"]} if "finetuned_top1" in best else {})}
+                **({"finetuned_top1": best["finetuned_top1"]} if "finetuned_top1" in best else {}),
+                **({"splits": [list(Arch.from_dict(e["arch"]).split) for e in chosen]} if len(chosen) > 1 else {})}
             cursor.update(level=2, generation=0)
         else:
             self.state["results"][budget.label] = self._pick_winner(budget, self.weights_tag(level))
             self.state["split"] = self.cfg.fixed_split
             self.state["level1_best"] = None
+            self.state["level1_others"] = []
             cursor.update(budget=cursor["budget"] + 1, level=1 if self.cfg.fixed_split is None else 2, generation=0)
             if cursor["budget"] >= len(self.budgets):
                 self.state["done"] = True
@@ -512,21 +532,32 @@ class EvolutionarySearch:
         decided = Timing.from_dict(measured[arch.digest])
         return [Timing.from_dict(t) for t in retimed.get(arch.digest, [measured[arch.digest]])], decided
 
-    def _level1_choice(self, budget: Budget, best: dict[str, Any]) -> dict[str, Any]:
-        """The level-1 candidate whose split level 2 searches: `best`, the most accurate, or under
-        `finetune_splits` K the best fine-tuned of the K most accurate level-1 candidates of distinct splits
-        (`reranked_by_finetuning`; each score is kept, as the winner's fine-tunes are)."""
-        if not self.cfg.finetune_splits or self.finetuned_fn is None:
-            return best
+    def _level1_choice(self, budget: Budget, best: dict[str, Any]) -> list[dict[str, Any]]:
+        """The level-1 candidates whose splits level 2 searches, the first of them the split that leads:
+        `level2_splits` of level 1's most accurate candidates of distinct splits (`best`, the most accurate,
+        first), or under `finetune_splits` K the K most accurate of them fine-tuned and put first by that
+        score (`reranked_by_finetuning`; each score is kept, as the winner's fine-tunes are)."""
         weights = self.weights_tag(1)
         level1 = {key for key, level in self._pool(budget).items() if level == 1}
         by_split: dict[tuple[int, ...], dict[str, Any]] = {}
         for entry in self.candidates(budget, weights):  # most accurate first
             if f"{weights}:{entry['digest']}" in level1:
                 by_split.setdefault(Arch.from_dict(entry["arch"]).split, entry)
-        ranked = reranked_by_finetuning(list(by_split.values()), self.cfg.finetune_splits,
-                                        lambda e: self._finetuned_top1(Arch.from_dict(e["arch"]), weights))
-        return ranked[0] if ranked else best
+        ranked = list(by_split.values())
+        if self.cfg.finetune_splits and self.finetuned_fn is not None:
+            ranked = reranked_by_finetuning(ranked, self.cfg.finetune_splits,
+                                            lambda e: self._finetuned_top1(Arch.from_dict(e["arch"]), weights))
+        elif ranked and ranked[0]["digest"] != best["digest"]:  # level 1's parents are its most accurate
+            ranked = [best, *(e for e in ranked if e["digest"] != best["digest"])]
+        return ranked[: self.cfg.level2_splits] or [best]
+
+    def _level2_splits(self) -> list[tuple[int, ...]] | None:
+        """The splits level 2 draws its archs from: the leading split and, under `level2_splits`, the others
+        level 1 chose (None before level 1 has chosen, or with no split at all)."""
+        if not self.state["split"]:
+            return None
+        others = [tuple(Arch.from_dict(a).split) for a in self.state.get("level1_others", [])]
+        return [tuple(self.state["split"]), *others]
 
     def _winner_order(self, budget: Budget, weights: str) -> list[dict[str, Any]]:
         """The candidates in the order they are measured: by float32 fitness, except that under

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from glit_deploy import distributed
 from glit_deploy.checkpoint import load_checkpoint
 from glit_deploy.data import make_loader
-from glit_deploy.errors import RunError
+from glit_deploy.errors import GlitError, RunError
 from glit_deploy.latency.budget import Budget, decision_protocol
 from glit_deploy.latency.measure import TABLE, Protocol, Timing
 from glit_deploy.latency.table import LatencyModel, check_host, console, measure_arch, profile_latency, table_key
@@ -134,6 +134,9 @@ def _search(run: RunDir, budgets: list[Budget | float | str], target: Target, ba
     space = supernet.space
     if cfg.fixed_split is not None:
         space.validate(space.with_split(cfg.fixed_split), source="--fixed-split")
+    if cfg.level2_splits > 1 and level2_epochs:
+        raise GlitError("--level2-epochs trains the supernet on one split before level 2; --level2-splits "
+                        "searches several: use one of them")
     target.check()
     state_path = run.path / "search" / "state.json"
 

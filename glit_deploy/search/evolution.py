@@ -73,7 +73,8 @@ class SearchConfig:
     max_tries: int = 500
     fixed_split: list[int] | None = None  # skip level 1 and search the details of this split
     # A winner's upper bound must be this much under the budget, so that the deployed file, measured
-    # again at export, still fits it (two measurements of one file differ by a percent or two here).
+    # again at export, still fits it: sessions timed side by side agree within 2.5 %, but one host's
+    # timings minutes apart drift by up to 15 % under other load (BENCHMARKS section 8).
     latency_margin: float = 0.03
     # Under an int8 target: how many of a budget's most accurate candidates (float32 fitness) are also
     # scored quantized before the winner is chosen; they are then taken in order of int8 accuracy.

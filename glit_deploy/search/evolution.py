@@ -224,7 +224,9 @@ class EvolutionarySearch:
                 return self.level1_arch(tuple(rng.choice(space.global_heads) for _ in range(space.depth)), budget)
         else:
             def make() -> Arch | None:
-                return space.sample(rng, split=rng.choice(splits) if splits else None)
+                # one split draws no split (the random stream stays the paper's one-split search's)
+                split = None if not splits else splits[0] if len(splits) == 1 else rng.choice(splits)
+                return space.sample(rng, split=split)
         tag = self.weights_tag(level)
         taken: set[str] = set()
         # The seed enters even when this budget considered it before (at level 1 with the same weights):
@@ -245,13 +247,14 @@ class EvolutionarySearch:
             return space.mutate(parent, rng, prob, level="details")
 
         # Level 2 crosses the details of parents of one split: a block-wise crossover of two splits would be
-        # a split level 1 never chose.
-        pairs = [(a, b) for i, a in enumerate(parents) for b in parents[i + 1:] if level == 1 or a.split == b.split]
+        # a split level 1 never chose. (With one split every pair qualifies, drawn as before.)
+        mixed = level == 2 and len({p.split for p in parents}) > 1
+        pairs = [(a, b) for i, a in enumerate(parents) for b in parents[i + 1:] if a.split == b.split]
 
         def cross() -> Arch | None:
-            if not pairs:
+            if len(parents) < 2 or (mixed and not pairs):
                 return None
-            a, b = rng.choice(pairs)
+            a, b = rng.choice(pairs) if mixed else rng.sample(parents, 2)
             child = space.crossover(a, b, rng)
             return self.level1_arch(child.split, budget) if level == 1 else child
 

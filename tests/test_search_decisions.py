@@ -484,6 +484,18 @@ def test_level_2_searches_the_details_of_several_splits_decision_logic(tmp_path:
     chosen = tuned.state["level1"][budget.label]
     assert [tuple(s) for s in chosen["splits"]] == [best_splits[2], best_splits[1]]
     assert {tuple(h["split"]) for h in tuned.state["history"] if h["level"] == 2} == {best_splits[2], best_splits[1]}
+    # Crossovers directly: parents of two splits give children of those splits only (a block-wise cross of
+    # the two would mix them), and parents of one split cross as in the one-split search.
+    space = get_space("digits")
+    rng = random.Random(3)
+    x, y = (space.global_heads[0],) * space.depth, (space.global_heads[-1],) * space.depth  # differ everywhere
+    parents = [space.sample(rng, split=x), space.sample(rng, split=x), space.sample(rng, split=y),
+               space.sample(rng, split=y)]
+    crosser = engine(tmp_path / "cross", [budget], Controlled(table),
+                     cfg=SearchConfig(**{**SMALL.__dict__, "mutations": 0, "crossovers": 40}))
+    crosser.state = crosser._fresh_state()
+    kids = crosser.children(2, Budget(10 * budget.ms), parents)
+    assert len(kids) > 10 and {k.split for k in kids} == {x, y}
     for bad, match in (({"level2_splits": 0}, "at least 1"), ({"level2_splits": 2, "fixed_split": [1, 1, 1]},
                                                               "use one of them")):
         with pytest.raises(GlitError, match=match):

@@ -101,6 +101,22 @@ def run_pipeline(run: RunDir, cfg: PipelineConfig, on_stage: Callable[[str, str]
     return PipelineResult(run.path, ran, skipped, pipeline_summary(run, cfg))
 
 
+# The first stage each option changes. An option changed on an existing run redoes that stage and every one
+# after it, unless that is the supernet: retraining it is a new run.
+OPTION_STAGES = {
+    **dict.fromkeys(("data", "space", "supernet_epochs", "supernet_batch_size", "supernet_lr", "seed", "device"),
+                    "supernet"),
+    **dict.fromkeys(("target", "precision", "batch_size", "threads", "calibration_models", "holdout_models"),
+                    "latency"),
+    **dict.fromkeys(("latency_budget", "latency_margin", "population", "generations", "parents", "children",
+                     "quant_eval"), "search"),
+    **dict.fromkeys(("retrain_epochs", "retrain_init", "retrain_batch_size", "retrain_lr"), "retrain"),
+    "bench_batch_sizes": "bench",
+}
+# The folders of a run that a stage writes (bench writes into export/).
+STAGE_FOLDERS = {"latency": "latency", "search": "search", "retrain": "retrain", "export": "export"}
+
+
 def _load_state(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
     options = asdict(cfg)
     if run.exists():
@@ -111,13 +127,45 @@ def _load_state(run: RunDir, cfg: PipelineConfig) -> dict[str, Any]:
             # options added since a run started count as their defaults (what that run used)
             recorded = {**asdict(PipelineConfig()), **state["options"]}
             if recorded != options:
-                changed = sorted(k for k in options if recorded.get(k) != options[k])
-                raise RunError(f"{run.path} was started by `glit pipeline` with other options "
-                               f"({', '.join(changed)}); rerun with the same options or use another --run")
+                return _redo_after_changed_options(run, state, recorded, options)
             return state
     run.path.mkdir(parents=True, exist_ok=True)
     state = {"options": options, "done": []}
     run.update_meta(pipeline=state)
+    return state
+
+
+def _redo_after_changed_options(run: RunDir, state: dict[str, Any], recorded: dict[str, Any],
+                                options: dict[str, Any]) -> dict[str, Any]:
+    """The state of a run rerun with other options: the stages those options change, and every later one,
+    are redone; what they wrote before moves to RUN/replaced/N/, so nothing is lost. Options that would
+    train the supernet again are refused (a new run)."""
+    changed = sorted(k for k in options if recorded.get(k) != options[k])
+    first = min((STAGES.index(OPTION_STAGES[k]) for k in changed), default=len(STAGES))
+    if first == 0:
+        supernet = [k for k in changed if OPTION_STAGES[k] == "supernet"]
+        raise RunError(f"{run.path} was started by `glit pipeline` with other options ({', '.join(changed)}); "
+                       f"{', '.join(supernet)} would train the supernet again: rerun with the same "
+                       f"{'option' if len(supernet) == 1 else 'options'} or use another --run")
+    redo = STAGES[first:]
+    folders = [STAGE_FOLDERS[stage] for stage in redo
+               if stage in STAGE_FOLDERS and (run.path / STAGE_FOLDERS[stage]).exists()]
+    replaced = None
+    if folders:
+        root = run.path / "replaced"
+        replaced = root / str(1 + max((int(p.name) for p in root.glob("*") if p.name.isdigit()), default=0))
+        replaced.mkdir(parents=True)
+        for folder in folders:
+            (run.path / folder).rename(replaced / folder)
+    state = {**state, "options": options, "done": [stage for stage in state["done"] if stage not in redo]}
+    for stage in redo:
+        state.pop(STAGE_RECORDS.get(stage, ""), None)
+        state.get("seconds", {}).pop(stage, None)
+    state.setdefault("replaced", []).append({"changed": {k: [recorded.get(k), options[k]] for k in changed},
+                                             "redone": list(redo), "folder": str(replaced) if replaced else None})
+    run.update_meta(pipeline=state)
+    console.print(f"options changed since this run's last pipeline ({', '.join(changed)}): redoing "
+                  f"{', '.join(redo)}" + (f"; what they wrote before is in {replaced}" if replaced else ""))
     return state
 
 

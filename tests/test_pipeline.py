@@ -7,12 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from glit_deploy.errors import RunError
+from glit_deploy.pipeline import OPTION_STAGES, STAGES, PipelineConfig, _load_state
+from glit_deploy.rundir import RunDir
 from tests.conftest import FAST_LATENCY, REPO, glit
 
 # Smaller than the README's defaults (which take a few minutes) but every stage is real.
@@ -97,9 +100,10 @@ def test_pipeline_killed_then_rerun_completes_without_redoing_stages(tmp_path: P
     again = json.loads(glit(*args, "--json").stdout.strip().splitlines()[-1])
     assert again["stages_run"] == [] and again["retrained_val_top1"] == result["retrained_val_top1"]
     assert again["kept"] == result["kept"] and again["inherited_val_top1"] == result["inherited_val_top1"]
-    # Other options on the same run are refused, not mixed in.
+    # Options that would train the supernet again (here the defaults of the supernet's) are refused, not mixed in.
     refused = glit("pipeline", "--run", str(run), "--retrain-epochs", "4", check=False)
-    assert refused.returncode == 2 and "other options" in refused.stderr
+    assert refused.returncode == 2 and "would train the supernet again" in " ".join(refused.stderr.split())
+    assert json.loads((run / "run.json").read_text())["pipeline"]["done"] == list(STAGES)
 
 
 def _predict_real_digits(run: Path, tmp_path: Path) -> None:
@@ -183,3 +187,43 @@ def test_inherited_model_reproduces_its_score_and_the_better_model_is_deployed(d
     assert worse_first["kept"] == "largest" and run.load_meta()["deploy_model"] == "largest"
 
     # `glit export` takes the run's deploy model (tests/test_export.py); the pipeline test checks the file.
+
+
+def test_changed_options_redo_their_stages_and_keep_what_they_replace(tmp_path: Path) -> None:
+    """A pipeline rerun with another option redoes the first stage that option changes and every later one;
+    their folders move to RUN/replaced/N/ and the supernet stays. Options that would train the supernet again
+    are refused, nothing moved. The stages' bookkeeping only: no stage runs here."""
+    assert set(OPTION_STAGES) == {f.name for f in fields(PipelineConfig)} and set(OPTION_STAGES.values()) <= set(STAGES)
+    run = RunDir(tmp_path / "run")
+    cfg = PipelineConfig().resolved()
+    _load_state(run, cfg)
+    for folder in ("supernet", "latency", "search", "retrain", "export"):
+        (run.path / folder).mkdir()
+        (run.path / folder / "kept.txt").write_text(folder)
+    state = run.load_meta()["pipeline"]
+    run.update_meta(pipeline={**state, "done": list(STAGES), "model_choice": {"kept": "retrained"},
+                              "seconds": dict.fromkeys(STAGES, 1.0)})
+    assert _load_state(run, cfg)["done"] == list(STAGES)  # the same options: nothing to redo
+
+    wider = replace(cfg, latency_margin=0.15)
+    state = _load_state(run, wider)
+    assert state["done"] == ["supernet", "latency"] and "model_choice" not in state
+    assert state["options"]["latency_margin"] == 0.15 and set(state["seconds"]) == {"supernet", "latency"}
+    assert state["replaced"][-1]["changed"] == {"latency_margin": [0.03, 0.15]}
+    assert state["replaced"][-1]["redone"] == ["search", "retrain", "export", "bench"]
+    for folder in ("search", "retrain", "export"):
+        assert not (run.path / folder).exists() and (run.path / "replaced" / "1" / folder / "kept.txt").exists()
+    assert (run.path / "supernet" / "kept.txt").exists() and (run.path / "latency" / "kept.txt").exists()
+    assert run.load_meta()["pipeline"] == state  # recorded, so an interrupted redo continues with these options
+
+    # A later-stage option only: the stages before it stay done; a second replacement gets its own folder.
+    (run.path / "retrain").mkdir()
+    run.update_meta(pipeline={**state, "done": list(STAGES)})
+    state = _load_state(run, replace(wider, retrain_epochs=wider.retrain_epochs + 1))
+    assert state["done"] == ["supernet", "latency", "search"] and (run.path / "replaced" / "2" / "retrain").is_dir()
+
+    (run.path / "search").mkdir()
+    before = run.load_meta()
+    with pytest.raises(RunError, match="supernet_epochs would train the supernet again"):
+        _load_state(run, replace(wider, supernet_epochs=1, retrain_epochs=wider.retrain_epochs + 1))
+    assert run.load_meta() == before and (run.path / "search").is_dir() and not (run.path / "replaced" / "3").exists()

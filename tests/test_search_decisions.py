@@ -496,6 +496,12 @@ def test_level_2_searches_the_details_of_several_splits_decision_logic(tmp_path:
     crosser.state = crosser._fresh_state()
     kids = crosser.children(2, Budget(10 * budget.ms), parents)
     assert len(kids) > 10 and {k.split for k in kids} == {x, y}
+    # Parents of distinct splits, none with a partner: mutations make up the crossovers they cannot have.
+    topped = engine(tmp_path / "topped", [budget], Controlled(table),
+                    cfg=SearchConfig(**{**SMALL.__dict__, "mutations": 2, "crossovers": 3}))
+    topped.state = topped._fresh_state()
+    kids = topped.children(2, Budget(10 * budget.ms), [parents[0], parents[2]])
+    assert len(kids) == 5 and {k.split for k in kids} <= {x, y}
     for bad, match in (({"level2_splits": 0}, "at least 1"), ({"level2_splits": 2, "fixed_split": [1, 1, 1]},
                                                               "use one of them")):
         with pytest.raises(GlitError, match=match):

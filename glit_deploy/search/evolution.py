@@ -259,7 +259,12 @@ class EvolutionarySearch:
             return self.level1_arch(child.split, budget) if level == 1 else child
 
         kids = self._new_candidates(mutate, self.cfg.mutations, budget, taken, tag)
-        kids += self._new_candidates(cross, self.cfg.crossovers, budget, taken, tag)
+        crossed = self._new_candidates(cross, self.cfg.crossovers, budget, taken, tag)
+        kids += crossed
+        if mixed and len(crossed) < self.cfg.crossovers:
+            # Parents whose splits have no partner cannot be crossed: mutations take the crossovers' place,
+            # so that a generation makes as many candidates as with one split.
+            kids += self._new_candidates(mutate, self.cfg.crossovers - len(crossed), budget, taken, tag)
         return kids
 
     # evaluation ------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ resumable steps and writes each one's result into one JSON file as soon as it ha
                searched) in OUT/search-all-global; its winner.
 
 With `--finetune-top K` both the evolution (`glit search --finetune-top`) and random search fine-tune their K
-most accurate candidates from the inherited weights and take them in that order (the one rule,
-`glit_deploy.search.fitness.reranked_by_finetuning`); a score the evolution computed for an arch is reused by
+most accurate candidates that measure within the budget, from the inherited weights, and the best fine-tuned
+wins (the one rule, `glit_deploy.search.fitness.finetuned_winner_by_measurement`; batches 4 to 7 fine-tuned
+the K most accurate before measuring them); a score the evolution computed for an arch is reused by
 random search. `--finetune-spread D` makes both fine-tune the most accurate candidates that are pairwise at
 least D genes apart instead (`glit search --finetune-spread`). `--finetune-splits K` makes the evolution
 fine-tune its K most accurate level-1 candidates and search the best one's split at level 2
@@ -103,7 +104,7 @@ from glit_deploy.nn.model import GLiT
 from glit_deploy.rundir import RunDir
 from glit_deploy.runtimes import cpu_name
 from glit_deploy.search import SearchConfig, budget_label, parse_latency
-from glit_deploy.search.fitness import finetuned_top1, reranked_by_finetuning
+from glit_deploy.search.fitness import finetuned_top1, finetuned_winner_by_measurement
 from glit_deploy.search.runner import given_latency_model, latency_table_path, run_latency_model, search
 from glit_deploy.space import Arch, SearchSpace, get_space
 from glit_deploy.train import evaluate_subnet, load_supernet
@@ -327,8 +328,8 @@ def pick_winner(step: dict[str, Any], budget_ms: float, margin: float,
     """The search's rule: the most accurate evaluation whose end-to-end measurement meets the budget less the
     search's margin, with the search's second pass when all of the `candidates` most accurate are rejected
     (`table_corrected_candidates`). A measurement kept from before the margin was applied here is taken again.
-    With `finetune_top` K, the K most accurate are fine-tuned (`finetuned`) and measured first in order of
-    that score, by the search's own rule (`reranked_by_finetuning`)."""
+    With `finetune_top` K, the K most accurate that meet the budget are fine-tuned (`finetuned`) and the best
+    fine-tuned wins, by the search's own rule (`finetuned_winner_by_measurement`)."""
     measured = step.setdefault("measured", {})
     rejected: list[dict[str, Any]] = []
 
@@ -345,10 +346,14 @@ def pick_winner(step: dict[str, Any], budget_ms: float, margin: float,
         return None
 
     ranked = sorted(step["evaluations"], key=lambda e: (-e["top1"], e["predicted_ms"], e["digest"]))
+    limit_ms = budget_ms * (1 - margin)
     if finetune_top and finetuned is not None:
-        ranked = reranked_by_finetuning(ranked, finetune_top, finetuned, finetune_spread)
-    winner, second_pass = pick_by_measurement(ranked[:candidates], ranked[candidates:], attempt, rejected,
-                                              budget_ms * (1 - margin), candidates)
+        winner, second_pass = finetuned_winner_by_measurement(ranked[:candidates], ranked[candidates:], attempt,
+                                                              rejected, limit_ms, candidates, finetune_top,
+                                                              finetuned, finetune_spread)
+    else:
+        winner, second_pass = pick_by_measurement(ranked[:candidates], ranked[candidates:], attempt, rejected,
+                                                  limit_ms, candidates)
     if winner is not None:
         return winner
     return {"digest": None, "rejected_over_budget": rejected, **({"second_pass": second_pass} if second_pass else {}),

@@ -376,6 +376,36 @@ def test_the_fine_tuned_fitness_reorders_the_most_accurate_candidates_decision_l
         SearchConfig(finetune_top=2, quant_eval=2)
 
 
+def test_only_candidates_measured_within_the_budget_are_fine_tuned_decision_logic(tmp_path: Path) -> None:
+    """Under `finetune_top` K the candidates are measured before they are fine-tuned: the two most accurate
+    measure over the budget here, so they are never fine-tuned, and the K fine-tuned are the K most accurate
+    of those within it; the winner is the best fine-tuned of them (made-up scores reverse their order) and
+    carries all K scores. Controlled scores and timings; nothing is trained or measured."""
+    table = made_up_table(get_space("digits"))
+    budget = Budget(budget_at(table, 0.5))
+    plain = engine(tmp_path / "plain", [budget], Controlled(table))
+    plain.run_search()
+    ranked = plain.candidates(budget, "supernet")
+    over = {e["digest"]: steady_timing(1.5 * budget.ms) for e in ranked[:2]}
+    tuned_calls: list[str] = []
+
+    def finetuned(arch: Arch, weights: str) -> float:
+        tuned_calls.append(arch.digest)
+        return 100.0 - fitness(arch)
+
+    cfg = SearchConfig(**{**SMALL.__dict__, "finetune_top": 3})
+    controlled = Controlled(table, slow=over)
+    search = engine(tmp_path / "tuned", [budget], controlled, cfg=cfg, finetuned=finetuned)
+    winner = search.run_search()["budgets"][budget.label]
+    within = [e["digest"] for e in ranked[2:5]]
+    assert sorted(tuned_calls) == sorted(within) and not set(tuned_calls) & set(over)
+    assert controlled.measured[:2] == [e["digest"] for e in ranked[:2]]  # measured first, then fine-tuned
+    assert winner["digest"] == within[2]
+    assert winner["finetuned_top1"] == 100.0 - fitness(Arch.from_dict(ranked[4]["arch"]))
+    assert [c["digest"] for c in winner["finetuned_candidates"]] == within[::-1]
+    assert {r["digest"] for r in winner["rejected_over_budget"]} == set(over)
+
+
 def test_a_fine_tune_spread_sends_candidates_that_differ_to_the_second_stage_decision_logic(tmp_path: Path) -> None:
     """With `finetune_spread` D the fine-tuned candidates are the most accurate that differ from each other in
     at least D genes, not the most accurate one and its mutants; where too few differ, the most accurate of

@@ -54,9 +54,10 @@ def search_cmd(
                                             "candidates quantized and take them by int8 accuracy (the winner is "
                                             "always quantized, scored and measured).")] = 0,
     finetune_top: Annotated[int, typer.Option(min=0, help="Fine-tune the K most accurate candidates of each budget "
-                                              "from their inherited weights (--finetune-steps steps each) and "
-                                              "take them in order of that accuracy: inherited accuracy orders "
-                                              "near-tied archs by chance. 0: inherited accuracy alone.")] = 0,
+                                              "that measure within it, from their inherited weights "
+                                              "(--finetune-steps steps each); the best fine-tuned wins: "
+                                              "inherited accuracy orders near-tied archs by chance. 0: "
+                                              "inherited accuracy alone.")] = 0,
     finetune_steps: Annotated[int, typer.Option(min=1, help="Steps (batch 128) of each --finetune-top "
                                                 "fine-tune.")] = 400,
     finetune_spread: Annotated[int, typer.Option(min=0, help="With --finetune-top: fine-tune the most accurate "

@@ -171,18 +171,46 @@ def pick_by_measurement(first: Sequence[dict[str, Any]], remaining: Sequence[dic
     None after adding it to `rejected` (with `bound_ms` and `predicted_ms`). Returns the winner (None
     when none met the limit) and the second pass's record (empty when there was none); `announce` is
     told the ratio and the number of candidates before the second pass measures them."""
-    for entry in first:
-        if (winner := attempt(entry)) is not None:
-            return winner, {}
-    if not rejected or not remaining:
-        return None, {}
+    accepted, second_pass = accepted_by_measurement(first, remaining, attempt, rejected, limit_ms, count, announce)
+    return (accepted[0] if accepted else None), second_pass
+
+
+def accepted_by_measurement(first: Sequence[dict[str, Any]], remaining: Sequence[dict[str, Any]],
+                            attempt: Callable[[dict[str, Any]], dict[str, Any] | None],
+                            rejected: list[dict[str, Any]], limit_ms: float, count: int,
+                            announce: Callable[[float, int], None] = lambda ratio, candidates: None,
+                            wanted: int = 1,
+                            admits: Callable[[dict[str, Any], list[dict[str, Any]]], bool] | None = None,
+                            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Up to `wanted` winner records by `pick_by_measurement`'s rule, most accurate first: the `first`
+    candidates are measured in order until `wanted` met the limit; only when none did, the second pass.
+    `admits(entry, accepted)` False postpones a candidate (not measured yet) to the end of its pass, where
+    it tops up the accepted when too few others met the limit."""
+    accepted: list[dict[str, Any]] = []
+
+    def walk(entries: Sequence[dict[str, Any]]) -> None:
+        postponed: list[dict[str, Any]] = []
+        for entry in entries:
+            if len(accepted) == wanted:
+                return
+            if admits is not None and not admits(entry, accepted):
+                postponed.append(entry)
+            elif (record := attempt(entry)) is not None:
+                accepted.append(record)
+        for entry in postponed:
+            if len(accepted) == wanted:
+                return
+            if (record := attempt(entry)) is not None:
+                accepted.append(record)
+
+    walk(first)
+    if accepted or not rejected or not remaining:
+        return accepted, {}
     ratio, more = table_corrected_candidates(rejected, remaining, limit_ms, count)
     second_pass = {"table_ratio": ratio, "candidates": len(more)}
     announce(ratio, len(more))
-    for entry in more:
-        if (winner := attempt(entry)) is not None:
-            return {**winner, "second_pass": second_pass}, second_pass
-    return None, second_pass
+    walk(more)
+    return [{**record, "second_pass": second_pass} for record in accepted], second_pass
 
 
 def timed_candidate(measure: Callable[[], Timing], predicted_ms: float, budget: Budget, margin: float,

@@ -49,7 +49,7 @@ from glit_deploy.latency.measure import Timing
 from glit_deploy.latency.table import LatencyModel
 from glit_deploy.nn.counting import arch_cost
 from glit_deploy.rundir import RunDir
-from glit_deploy.search.fitness import FinetuneConfig, reranked_by_finetuning
+from glit_deploy.search.fitness import FinetuneConfig, finetuned_winner_by_measurement, reranked_by_finetuning
 from glit_deploy.space import Arch, SearchSpace
 
 console = Console(stderr=True)
@@ -80,13 +80,13 @@ class SearchConfig:
     # scored quantized before the winner is chosen; they are then taken in order of int8 accuracy.
     # The winner is always quantized and scored, whatever this is.
     quant_eval: int = 0
-    # How many of a budget's most accurate candidates are fine-tuned from their inherited weights for
-    # `finetune_steps` steps and then taken in order of that score (`search.fitness`): inherited top-1
-    # orders near-tied archs by chance (BENCHMARKS section 12). 0: inherited top-1 alone.
+    # How many of a budget's most accurate candidates that measure within it are fine-tuned from their
+    # inherited weights for `finetune_steps` steps, the best fine-tuned winning (`search.fitness`):
+    # inherited top-1 orders near-tied archs by chance (BENCHMARKS section 12). 0: inherited top-1 alone.
     finetune_top: int = 0
     finetune_steps: int = 400
     # With finetune_top: the fine-tuned candidates must differ in at least this many genes from each other
-    # (`reranked_by_finetuning`), so that they are not one arch and its mutants. 0: the most accurate.
+    # (`finetuned_winner_by_measurement`), so that they are not one arch and its mutants. 0: the most accurate.
     finetune_spread: int = 0
     # How many of a budget's most accurate level-1 candidates (one split each) are fine-tuned like
     # `finetune_top`'s before level 1 ends; the best fine-tuned gives level 2 its split. Level 2 searches
@@ -471,6 +471,7 @@ class EvolutionarySearch:
         limit_ms = budget.ms * (1 - self.cfg.latency_margin)
         tried = {e["digest"] for e in first}
         remaining = [e for e in self.candidates(budget, weights) if e["digest"] not in tried]
+        finetuning = bool(self.cfg.finetune_top) and self.finetuned_fn is not None
 
         def announce(ratio: float, candidates: int) -> None:
             if self.ctx.is_main:
@@ -479,9 +480,17 @@ class EvolutionarySearch:
                               f"the {candidates} most accurate of the other {len(remaining)} that the table, "
                               f"multiplied by {ratio:.3f}, puts within the limit")
 
-        winner, second_pass = pick_by_measurement(
-            first, remaining, lambda entry: self._try_candidate(entry, budget, weights, rejected), rejected,
-            limit_ms, self.cfg.winner_candidates, announce)
+        def attempt(entry: dict[str, Any]) -> dict[str, Any] | None:
+            return self._try_candidate(entry, budget, weights, rejected)
+
+        if finetuning:
+            winner, second_pass = finetuned_winner_by_measurement(
+                first, remaining, attempt, rejected, limit_ms, self.cfg.winner_candidates, self.cfg.finetune_top,
+                lambda e: self._finetuned_top1(Arch.from_dict(e["arch"]), weights), self.cfg.finetune_spread,
+                announce)
+        else:
+            winner, second_pass = pick_by_measurement(first, remaining, attempt, rejected, limit_ms,
+                                                      self.cfg.winner_candidates, announce)
         if winner is not None:
             return winner
         return {"budget_ms": budget.ms, "budget": budget.label, "stat": budget.stat, "digest": None,
@@ -570,16 +579,11 @@ class EvolutionarySearch:
 
     def _winner_order(self, budget: Budget, weights: str) -> list[dict[str, Any]]:
         """The candidates in the order they are measured: by float32 fitness, except that under
-        `finetune_top` K the K most accurate are fine-tuned and lead, by fine-tuned accuracy
-        (`reranked_by_finetuning`), and under `quant_eval` K the K most accurate are scored quantized
-        and lead, by int8 accuracy."""
+        `quant_eval` K the K most accurate are scored quantized and lead, by int8 accuracy. (Under
+        `finetune_top` they are measured in this order too, and fine-tuned once they meet the budget:
+        `finetuned_winner_by_measurement`.)"""
         candidates = self.candidates(budget, weights)
         pool = candidates[: self.cfg.winner_candidates]
-        if self.cfg.finetune_top and self.finetuned_fn is not None:
-            # From all of the budget's candidates: with a spread, the fine-tuned may lie past the pool.
-            return reranked_by_finetuning(candidates, self.cfg.finetune_top,
-                                          lambda e: self._finetuned_top1(Arch.from_dict(e["arch"]), weights),
-                                          self.cfg.finetune_spread)[: self.cfg.winner_candidates]
         k = min(self.cfg.quant_eval, len(pool)) if self.quantized_fn is not None else 0
         if k == 0:
             return pool

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from glit_deploy.data import DataBundle, make_loader
 from glit_deploy.errors import RunError
+from glit_deploy.latency.budget import accepted_by_measurement
 from glit_deploy.nn import Supernet
 from glit_deploy.retrain import inherited_model
 from glit_deploy.space import Arch
@@ -106,15 +107,16 @@ def finetuned_top1(supernet: Supernet, arch: Arch, bundle: DataBundle, cfg: Fine
 
 def reranked_by_finetuning(ranked: Sequence[dict[str, Any]], top: int, score: Callable[[dict[str, Any]], float],
                            spread: int = 0) -> list[dict[str, Any]]:
-    """The order in which a budget's candidates are measured when `top` of `ranked` (most accurate first,
-    by inherited top-1) are fine-tuned: those, by fine-tuned top-1 (`score`; ties by inherited top-1, then
+    """`ranked` (most accurate first, by inherited top-1) when `top` of them are fine-tuned with nothing
+    measured (level 1's split choice, `finetune_splits`; a winner is measured first, in
+    `finetuned_winner_by_measurement`): those, by fine-tuned top-1 (`score`; ties by inherited top-1, then
     digest), each carrying its `finetuned_top1`, then the rest as they were.
 
     With `spread` 0 the fine-tuned are the `top` most accurate. With `spread` D they are the most accurate
     that differ from each other in at least D genes (`Arch.gene_distance`), topped up with the most accurate
     of the others where too few do: an evolutionary search's most accurate candidates are mostly one arch
     and its mutants, overrated together (BENCHMARKS section 12, batch 4), and the fine-tune can only choose
-    between what it is given. The search and random search, which is compared with it, share this rule."""
+    between what it is given."""
     k = min(top, len(ranked))
     chosen: list[int] = []
     if spread > 0:
@@ -132,6 +134,37 @@ def reranked_by_finetuning(ranked: Sequence[dict[str, Any]], top: int, score: Ca
     head = [{**ranked[i], "finetuned_top1": score(ranked[i])} for i in chosen]
     head.sort(key=lambda e: (-e["finetuned_top1"], -e["top1"], e["digest"]))
     return head + [entry for i, entry in enumerate(ranked) if i not in picked]
+
+
+def finetuned_winner_by_measurement(first: Sequence[dict[str, Any]], remaining: Sequence[dict[str, Any]],
+                                    attempt: Callable[[dict[str, Any]], dict[str, Any] | None],
+                                    rejected: list[dict[str, Any]], limit_ms: float, count: int, top: int,
+                                    score: Callable[[dict[str, Any]], float], spread: int = 0,
+                                    announce: Callable[[float, int], None] = lambda ratio, candidates: None,
+                                    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The winner when `top` candidates are fine-tuned: the `top` most accurate (inherited top-1) that
+    measure within the limit, by the winner rule without fine-tuning (`accepted_by_measurement`), each
+    fine-tuned (`score`), the best fine-tuned (ties by inherited top-1, then digest) carrying every one's
+    score in `finetuned_candidates`. With `spread` D a candidate fewer than D genes from one accepted
+    already is measured only when too few others meet the limit (as in `reranked_by_finetuning`).
+
+    Measured before fine-tuned: a measurement costs seconds and a fine-tune minutes, and a candidate over
+    the budget cannot win whatever it scores. (Fine-tuned first, the candidates a search pushes to the
+    budget's edge were fine-tuned and then rejected, and the winner was left to the inherited order.)
+    The search and random search, which is compared with it, share this rule. Returns the winner (None
+    when none met the limit) and the second pass's record, as `pick_by_measurement` does."""
+    def far_enough(entry: dict[str, Any], accepted: list[dict[str, Any]]) -> bool:
+        arch = Arch.from_dict(entry["arch"])
+        return all(arch.gene_distance(Arch.from_dict(a["arch"])) >= spread for a in accepted)
+
+    accepted, second_pass = accepted_by_measurement(first, remaining, attempt, rejected, limit_ms, count, announce,
+                                                    wanted=max(top, 1), admits=far_enough if spread > 0 else None)
+    if not accepted:
+        return None, second_pass
+    tuned = [{**record, "finetuned_top1": score(record)} for record in accepted]
+    tuned.sort(key=lambda e: (-e["finetuned_top1"], -e["top1"], e["digest"]))
+    board = [{"digest": e["digest"], "top1": e["top1"], "finetuned_top1": e["finetuned_top1"]} for e in tuned]
+    return {**tuned[0], "finetuned_candidates": board}, second_pass
 
 
 def _top1(model: nn.Module, loader: DataLoader, device: torch.device) -> float:

@@ -232,12 +232,17 @@ def test_fixed_split_and_auto_budget(run_copy: Path) -> None:
     table = _table(run_copy, "ort-cpu")
     # With the fine-tuned fitness on its two most accurate candidates (a few steps: the path, not its value).
     proc = glit("search", "--run", str(run_copy), "--latency-budget", "auto", "--target", "ort-cpu",
-                "--fixed-split", "3,3,3,3", "--finetune-top", "2", "--finetune-steps", "3", *SMALL_SEARCH)
+                "--fixed-split", "3,3,3,3", "--finetune-top", "2", "--finetune-steps", "3", *SMALL_SEARCH,
+                check=False)
+    skip_when_the_host_outran_its_table(proc, run_copy)
     summary = json.loads((run_copy / "search" / "summary.json").read_text())
     (winner,) = summary["budgets"].values()
     state = json.loads((run_copy / "search" / "state.json").read_text())
-    assert len(state["finetuned"]) == 2 and winner["finetuned_top1"] in state["finetuned"].values()
-    assert proc.stderr.count("fine-tuning candidate") == 2  # each said before it runs
+    # Only candidates measured within the budget are fine-tuned: two, unless fewer than two of them were.
+    tuned = len(state["finetuned"])
+    assert 1 <= tuned <= 2 and winner["finetuned_top1"] == max(state["finetuned"].values())
+    assert len(winner["finetuned_candidates"]) == tuned and winner["latency"]["within_budget"]
+    assert proc.stderr.count("fine-tuning candidate") == tuned  # each said before it runs
     lo, hi = table.block_range_ms(space, True), table.block_range_ms(space, False)
     assert winner["budget_ms"] == pytest.approx(lo + 0.5 * (hi - lo), abs=1e-3)
     assert summary["level1"] == {}  # level 1 skipped

@@ -476,7 +476,10 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_roles, ax_rank) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ranked = [r for r in summary["models"] if r["role"] == "ranking" and r["inherited_top1"] is not None]
+    # No ranking set retrained (a batch that only retrains its winners): the roles alone, no empty panel.
+    fig, axes = plt.subplots(1, 2 if ranked else 1, figsize=(11 if ranked else 6, 4.2), squeeze=False)
+    ax_roles = axes[0][0]
     shown = [role for role in REPORTED_ROLES if role != "ranking" and summary["roles"][role]["n"]]
     for x, role in enumerate(shown):
         stats = summary["roles"][role]
@@ -487,12 +490,13 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     if values:
         ax_roles.set_ylim(min(values) - 3, max(values) + 2)
     ax_roles.set(ylabel="retrained top-1 (%)", title="retrained models (10 epochs), by role")
-    ranked = [r for r in summary["models"] if r["role"] == "ranking" and r["inherited_top1"] is not None]
-    ax_rank.scatter([r["inherited_top1"] for r in ranked], [r["val_top1"] for r in ranked], color="C1")
-    tau = summary["kendall"]["tau"]
-    ax_rank.set(xlabel="inherited-weight top-1 on the supernet (%)", ylabel="retrained top-1 (%)",
-                title=f"ranking set ({len(ranked)} archs, 5 epochs): Kendall tau "
-                      + ("-" if tau is None else f"{tau:+.2f}"))
+    if ranked:
+        ax_rank = axes[0][1]
+        ax_rank.scatter([r["inherited_top1"] for r in ranked], [r["val_top1"] for r in ranked], color="C1")
+        tau = summary["kendall"]["tau"]
+        ax_rank.set(xlabel="inherited-weight top-1 on the supernet (%)", ylabel="retrained top-1 (%)",
+                    title=f"ranking set ({len(ranked)} archs, 5 epochs): Kendall tau "
+                          + ("-" if tau is None else f"{tau:+.2f}"))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

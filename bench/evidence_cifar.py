@@ -224,7 +224,8 @@ def known_scores(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # drawing archs ----------------------------------------------------------------------------------
 def draw_within(space: SearchSpace, latency: LatencyModel, budget: float, rng: random.Random, count: int
                 ) -> tuple[list[Arch], int]:
-    """The first `count` distinct uniform draws whose predicted latency is within the budget."""
+    """The first `count` distinct uniform draws whose predicted latency is within `budget` (the search's
+    budget less its margin, as the search's own candidates are: `EvolutionarySearch.feasible`)."""
     archs: list[Arch] = []
     seen: set[str] = set()
     draws = 0
@@ -428,9 +429,10 @@ class Evidence:
         step = self.state.get("random")
         if step is None:
             n = evolution["evaluated"]
-            plan, draws = draw_within(self.space, self.latency, self.budget, random.Random(self.args.seed), n)
+            limit = self.budget * (1 - self.cfg.latency_margin)
+            plan, draws = draw_within(self.space, self.latency, limit, random.Random(self.args.seed), n)
             retrain_seed = self.args.seed + RANDOM_RETRAIN_SEED_OFFSET
-            retrain, retrain_draws = draw_within(self.space, self.latency, self.budget, random.Random(retrain_seed),
+            retrain, retrain_draws = draw_within(self.space, self.latency, limit, random.Random(retrain_seed),
                                                  RANDOM_RETRAIN)
             step = {"done": False, "n": n, "seed": self.args.seed, "draws": draws, "acceptance": n / draws,
                     "retrain_seed": retrain_seed, "retrain_draws": retrain_draws,

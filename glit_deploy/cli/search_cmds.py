@@ -90,7 +90,8 @@ def search_cmd(
                                              "global heads per block, e.g. 3,3,3,3,3,3.")] = "",
     latency_margin: Annotated[float, typer.Option(min=0.0, max=0.5, help="A winner's measured upper bound must be "
                                                   "this share under the budget, so the deployed file, measured "
-                                                  "again at export, still fits.")] = 0.03,
+                                                  "again at export, still fits; candidates are the archs "
+                                                  "predicted within that limit.")] = 0.03,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="Where candidates are evaluated: auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run's interrupted search.")] = False,

@@ -347,7 +347,7 @@ def pick_winner(step: dict[str, Any], budget_ms: float, margin: float,
         return None
 
     ranked = sorted(step["evaluations"], key=lambda e: (-e["top1"], e["predicted_ms"], e["digest"]))
-    limit_ms = budget_ms * (1 - margin)
+    limit_ms = Budget(budget_ms).limit_ms(margin)
     if finetune_top and finetuned is not None:
         winner, second_pass = finetuned_winner_by_measurement(ranked[:candidates], ranked[candidates:], attempt,
                                                               rejected, limit_ms, candidates, finetune_top,
@@ -429,7 +429,7 @@ class Evidence:
         step = self.state.get("random")
         if step is None:
             n = evolution["evaluated"]
-            limit = self.budget * (1 - self.cfg.latency_margin)
+            limit = Budget(self.budget).limit_ms(self.cfg.latency_margin)
             plan, draws = draw_within(self.space, self.latency, limit, random.Random(self.args.seed), n)
             retrain_seed = self.args.seed + RANDOM_RETRAIN_SEED_OFFSET
             retrain, retrain_draws = draw_within(self.space, self.latency, limit, random.Random(retrain_seed),

@@ -78,6 +78,11 @@ class Budget:
     def __str__(self) -> str:
         return f"{self.ms:g} ms" if self.stat == "median" else f"{self.stat} {self.ms:g} ms"
 
+    def limit_ms(self, margin: float) -> float:
+        """What a candidate's bound must stay within: the budget less `margin` (a fraction), the room the
+        search keeps for the host's drift. The search explores archs predicted within it, too."""
+        return self.ms * (1 - margin)
+
     def bound_ms(self, timing: Timing) -> float:
         """The number compared with the budget: the upper 95 % bound of the budgeted statistic."""
         return timing.upper_bound_ms(self.stat)
@@ -135,7 +140,7 @@ def candidate_verdict(timing: Timing, budget: Budget, margin: float) -> dict[str
     budget less `margin` (a fraction), so that the winner keeps room for the host's drift. Any process that
     picks archs under a budget and compares itself with the search (random search) decides with this."""
     verdict = budget.verdict(timing)
-    verdict["within_budget"] = verdict["bound_ms"] <= budget.ms * (1 - margin)
+    verdict["within_budget"] = verdict["bound_ms"] <= budget.limit_ms(margin)
     return verdict
 
 
@@ -188,20 +193,21 @@ def accepted_by_measurement(first: Sequence[dict[str, Any]], remaining: Sequence
     it tops up the accepted when too few others met the limit."""
     accepted: list[dict[str, Any]] = []
 
+    def enough_after(entry: dict[str, Any]) -> bool:
+        if (record := attempt(entry)) is not None:
+            accepted.append(record)
+        return len(accepted) == wanted
+
     def walk(entries: Sequence[dict[str, Any]]) -> None:
         postponed: list[dict[str, Any]] = []
         for entry in entries:
-            if len(accepted) == wanted:
-                return
             if admits is not None and not admits(entry, accepted):
                 postponed.append(entry)
-            elif (record := attempt(entry)) is not None:
-                accepted.append(record)
-        for entry in postponed:
-            if len(accepted) == wanted:
+            elif enough_after(entry):
                 return
-            if (record := attempt(entry)) is not None:
-                accepted.append(record)
+        for entry in postponed:
+            if enough_after(entry):
+                return
 
     walk(first)
     if accepted or not rejected or not remaining:
@@ -219,7 +225,7 @@ def timed_candidate(measure: Callable[[], Timing], predicted_ms: float, budget: 
     """Every timing of one search candidate and the one that decides (`timed_until_settled`, the timings
     pooled): a median bound over the limit while the latency table predicts the candidate within it is a
     contradiction, timed again."""
-    limit_ms = budget.ms * (1 - margin)
+    limit_ms = budget.limit_ms(margin)
 
     def contradicted(timing: Timing) -> bool:
         return budget.stat == "median" and predicted_ms <= limit_ms < budget.bound_ms(timing)

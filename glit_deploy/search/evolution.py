@@ -159,10 +159,10 @@ class EvolutionarySearch:
         lo = self.latency.block_range_ms(self.space, fastest=True)
         hi = self.latency.block_range_ms(self.space, fastest=False)
         for budget in self.budgets:
-            if self.limit_ms(budget) < lo:
+            if budget.limit_ms(self.cfg.latency_margin) < lo:
                 raise GlitError(
                     f"latency budget {budget} (less the {100 * self.cfg.latency_margin:g} % margin, "
-                    f"{self.limit_ms(budget):.4f} ms) is below the fastest arch of space "
+                    f"{budget.limit_ms(self.cfg.latency_margin):.4f} ms) is below the fastest arch of space "
                     f"'{self.space.name}' on {self.latency.key['target']} at batch {self.latency.key['batch_size']}: "
                     f"the space spans {lo:.3f} ms .. {hi:.3f} ms (predicted)")
         if self.cfg.max_params is not None or self.cfg.max_macs is not None:
@@ -174,16 +174,12 @@ class EvolutionarySearch:
                 raise GlitError(f"the parameter/multiply-add limits exclude even the smallest arch of the space "
                                 f"({cost.params:,} parameters, {cost.macs:,} multiply-adds)")
 
-    def limit_ms(self, budget: Budget) -> float:
-        """What a winner's measured bound must stay within: the budget less the margin."""
-        return budget.ms * (1 - self.cfg.latency_margin)
-
     def feasible(self, arch: Arch, budget: Budget) -> bool:
         """Within the limits, and predicted within the budget less the margin (the table predicts medians;
         every percentile is at least the median). The margin is room the winner's measurement must keep:
         an arch the table puts past it is measured over it unless the clock reads below the table, so a
         search that explored up to the budget itself spent a large margin on archs that could not win."""
-        if self.latency.predict_ms(arch) > self.limit_ms(budget):
+        if self.latency.predict_ms(arch) > budget.limit_ms(self.cfg.latency_margin):
             return False
         if self.cfg.max_params is None and self.cfg.max_macs is None:
             return True
@@ -475,7 +471,7 @@ class EvolutionarySearch:
         """
         rejected: list[dict[str, Any]] = []
         first = self._winner_order(budget, weights)
-        limit_ms = self.limit_ms(budget)
+        limit_ms = budget.limit_ms(self.cfg.latency_margin)
         tried = {e["digest"] for e in first}
         remaining = [e for e in self.candidates(budget, weights) if e["digest"] not in tried]
         finetuning = bool(self.cfg.finetune_top) and self.finetuned_fn is not None
@@ -539,7 +535,7 @@ class EvolutionarySearch:
         retimed = self.state.setdefault("measured_attempts", {})
         if arch.digest not in measured:
             predicted_ms = self.latency.predict_ms(arch)
-            limit_ms = budget.ms * (1 - self.cfg.latency_margin)
+            limit_ms = budget.limit_ms(self.cfg.latency_margin)
 
             def before_retime(timing: Timing, pause_s: float) -> None:
                 if self.ctx.is_main:

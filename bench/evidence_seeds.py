@@ -79,7 +79,10 @@ def seed_winners(seed: int, state: dict[str, Any], models_dir: Path, retrain_see
     """Both winners of one search seed: what the search chose, and what retraining made of it (None until
     its job is published). A winner not published in `models_dir` is taken from a model of the same arch and
     retraining seed in `elsewhere`, when there is one, and marked `retrained_in`."""
-    row: dict[str, Any] = {"search_seed": seed, "models_dir": str(models_dir)}
+    settings = state.get("settings") or {}
+    row: dict[str, Any] = {"search_seed": seed, "models_dir": str(models_dir),
+                           "supernet_sha256": (settings.get("supernet") or {}).get("sha256"),
+                           "budget_ms": state.get("budget_ms"), "host": (state.get("latency_key") or {}).get("device")}
     for role, step in WINNERS.items():
         winner = (state.get(step) or {}).get("winner")
         if not winner:
@@ -106,6 +109,37 @@ def seed_winners(seed: int, state: dict[str, Any], models_dir: Path, retrain_see
     row["delta_retrained"] = (evo["val_top1"] - rs["val_top1"]
                               if evo["val_top1"] is not None and rs["val_top1"] is not None else None)
     return row
+
+
+def seed_sources(items: Sequence[str]) -> dict[int, tuple[Path, Path]]:
+    """`--seed-source SEED=JSON,MODELS` items: the seeds whose JSON and models directory are not the templates'
+    (a seed searched in an earlier batch, under another name)."""
+    out: dict[int, tuple[Path, Path]] = {}
+    for item in items:
+        seed, _, paths = item.partition("=")
+        json_path, _, models = paths.partition(",")
+        try:
+            number = int(seed)
+        except ValueError:
+            number = None
+        if number is None or not json_path or not models:
+            raise RetrainEvidenceError(f"--seed-source takes SEED=JSON,MODELS_DIR, not {item!r}")
+        out[number] = (REPO / json_path, REPO / models)
+    return out
+
+
+def searched_apart(rows: list[dict[str, Any]]) -> list[str]:
+    """What the seeds do not share: the supernet checkpoint they searched, their budget, their latency host. The
+    pairs stay comparable within a seed (both searches of a seed share all three); across seeds the report
+    must say what varied besides the search's seed."""
+    notes = []
+    for key, what in (("supernet_sha256", "supernet checkpoints"), ("budget_ms", "budgets (ms)"),
+                      ("host", "latency hosts")):
+        values = {row["search_seed"]: row[key] for row in rows}
+        if len(set(values.values())) > 1:
+            notes.append(f"the seeds searched different {what}: "
+                         + ", ".join(f"seed {seed} {value}" for seed, value in values.items()))
+    return notes
 
 
 def paired_stats(deltas: list[float]) -> dict[str, Any]:
@@ -257,6 +291,8 @@ def print_result(result: dict[str, Any]) -> None:
                 out.print(f"search seed {row['search_seed']}'s {role} winner {row[role]['digest'][:8]} was not "
                           f"retrained for this batch: read from {row[role]['retrained_in']} (the same arch, "
                           "retraining seed and recipe)")
+    for note in result["notes"]:
+        out.print(f"note: {note}; each pair shares them, the mean over seeds mixes them")
     if result["pending"]:
         out.print(f"not yet published: {', '.join(result['pending'])}")
     if timing:
@@ -271,6 +307,8 @@ def main() -> int:
                         help="each seed's bench/evidence_cifar.py JSON ({seed} is replaced)")
     parser.add_argument("--models-dir", default="bench/models/cifar10-b3-seed{seed}",
                         help="where each seed's winners were published ({seed} is replaced)")
+    parser.add_argument("--seed-source", action="append", default=[], metavar="SEED=JSON,MODELS_DIR",
+                        help="a seed whose JSON and models directory are not the templates' (repeatable)")
     parser.add_argument("--retrain-seed", type=int, default=0, help="the retraining seed of the jobs read")
     parser.add_argument("--reference", type=Path, default=REPO / "bench" / "models" / "cifar10",
                         help="published models whose CNN and all-global roles are shown beside the winners")
@@ -297,10 +335,11 @@ def main() -> int:
     if not seeds:
         raise RetrainEvidenceError("--seeds names no seed")
 
+    sources = seed_sources(args.seed_source)
     rows = []
     for seed in seeds:
-        batch_json = REPO / args.batch_json.format(seed=seed)
-        models_dir = REPO / args.models_dir.format(seed=seed)
+        batch_json, models_dir = sources.get(seed) or (REPO / args.batch_json.format(seed=seed),
+                                                       REPO / args.models_dir.format(seed=seed))
         rows.append(seed_winners(seed, load_json(batch_json, "run bench/evidence_cifar.py --seed first"),
                                  models_dir, args.retrain_seed, args.retrained_elsewhere))
     recipes = {json.dumps(row[role]["recipe"], sort_keys=True) for row in rows for role in WINNERS
@@ -309,6 +348,7 @@ def main() -> int:
         raise RetrainEvidenceError("the winners were retrained with different recipes: not one schedule, not "
                                    "comparable (" + " | ".join(sorted(recipes)) + ")")
     references = reference_records(args.reference)
+    notes = searched_apart(rows)
 
     retrained = [(row[role]["inherited_top1"], row[role]["val_top1"]) for row in rows for role in WINNERS
                  if row[role]["val_top1"] is not None]
@@ -343,7 +383,7 @@ def main() -> int:
                        for r in references],
         "pending": [f"s{row['search_seed']}/{row[role]['name']}" for row in rows for role in WINNERS
                     if row[role]["val_top1"] is None],
-        "remeasured": None,
+        "remeasured": None, "notes": notes,
     }
     if args.remeasure:
         files = {f"s{row['search_seed']}/{role}": Path(row[role]["onnx"]) for row in rows for role in WINNERS

@@ -359,12 +359,15 @@ EXPORT_SECONDS = 180  # export, parity on 1,024 images and the file's timing, wi
 
 
 def parse_stop_by(text: str, now: dt.datetime | None = None) -> dt.datetime:
-    """'HH:MM' (today, local time) or an ISO date-time, which must lie in the future."""
+    """'HH:MM' (local time, its next occurrence: 00:25 given at 22:47 is tomorrow's) or an ISO date-time, which
+    must lie in the future."""
     now = now or dt.datetime.now().astimezone()
     try:
         if len(text) <= 5 and ":" in text:
             hour, minute = (int(part) for part in text.split(":"))
             when = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+            if when <= now:  # a clock time already passed today means the coming night's
+                when += dt.timedelta(days=1)
         else:
             when = dt.datetime.fromisoformat(text)
             when = when if when.tzinfo else when.astimezone()
@@ -420,10 +423,10 @@ def fits_before(job: Job, args: argparse.Namespace, jobs: list[Job]) -> bool:
     end = now + dt.timedelta(seconds=needed)
     if end > args.stop_by:
         console.print(f"[yellow]{job.name}: not started: expected to take {needed / 60:.0f} min, to "
-                      f"{end:%H:%M}, past --stop-by {args.stop_by:%H:%M}[/yellow]")
+                      f"{end:%H:%M}, past --stop-by {args.stop_by:%Y-%m-%d %H:%M}[/yellow]")
         return False
     console.print(f"{job.name}: expected to take {needed / 60:.0f} min, to {end:%H:%M} "
-                  f"(--stop-by {args.stop_by:%H:%M})")
+                  f"(--stop-by {args.stop_by:%Y-%m-%d %H:%M})")
     return True
 
 

@@ -1,0 +1,262 @@
+"""Evidence (issue 12): every published CIFAR-10 model in one table, and every search against random search.
+
+Each batch of the evidence published its retrained models in its own directory under `bench/models/`
+(`cifar10/` for batch 1 and its baselines, `cifar10-b3-seed0/`, `cifar10-u15h-seed1/`, ...), each model an
+ONNX file with a sidecar `NAME.json` (role, retraining seed, arch, inherited and retrained top-1, the
+latency its file was published with). This script reads all of them, and for each directory the batch JSON
+under `bench/evidence/` that chose its archs (the supernet checkpoint, the budget, the host, the fitness),
+and prints:
+
+- one table, every model a row: batch, supernet checkpoint, budget, fitness, role, retraining seed,
+  global heads per block, digest, inherited top-1 (the fitness), retrained top-1, epochs, published ms;
+- every search against random search: each directory holding both winners at the same schedule, with the
+  difference of their retrained means (over retraining seeds), then the mean, sd and sign count over all
+  of them and per fitness and supernet (each pair of archs once: two searches that picked the same two
+  archs share their retrained models). Batches 5 to 7 changed only the evolution's second stage and ran
+  no random search; they are compared with batch 4's of the same seed.
+
+It reads only what was published; nothing is retrained or timed.
+
+    python bench/evidence_models.py --markdown bench/evidence/models-table.md --json-out bench/evidence/models.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from glit_deploy.atomic_io import atomic_write_json, atomic_write_text
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "bench" / "models"
+EVIDENCE = REPO / "bench" / "evidence"
+# directories whose batch JSON is not named after them
+BATCH_JSON = {"cifar10": "cifar10-batch1.json", "cifar10-repick": "cifar10-batch1-repick.json",
+              "cifar10-u15": "cifar10-u15-search.json"}
+# pairs left out of the pooled figures, and why (they stay in the table)
+SUPERSEDED = {"cifar10-batch1.json": "its random search ran without the search's 3 % latency margin; "
+              "cifar10-batch1-repick.json picks again under the search's rule"}
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def batch_json(directory: Path) -> Path | None:
+    """The batch JSON that chose the archs of `directory` (cifar10-b3-seed0 -> cifar10-batch3-seed0.json)."""
+    name = BATCH_JSON.get(directory.name) or re.sub(r"^cifar10-b(\d+)-", r"cifar10-batch\1-", directory.name) + ".json"
+    path = EVIDENCE / name
+    return path if path.is_file() else None
+
+
+def fitness_of(search: dict[str, Any]) -> str:
+    """How the batch's search scored a candidate, in words short enough for a table cell."""
+    parts = ["inherited top-1"]
+    if search.get("finetune_top"):
+        parts = [f"fine-tune top {search['finetune_top']} ({search.get('finetune_steps', '?')} steps)"]
+        if search.get("finetune_splits"):
+            parts.append(f"split by fine-tune of {search['finetune_splits']}")
+    if search.get("finetune_spread"):
+        parts.append(f"spread {search['finetune_spread']}")
+    if search.get("level2_splits"):
+        parts.append(f"level 2 over {search['level2_splits']} splits")
+    return ", ".join(parts)
+
+
+def batch_context(directory: Path) -> dict[str, Any]:
+    path = batch_json(directory)
+    if path is None:
+        return {"batch_json": None, "supernet": "?", "budget_ms": None, "fitness": "?", "host": "?"}
+    return batch_context_of(path)
+
+
+def batch_context_of(path: Path) -> dict[str, Any]:
+    state = json.loads(path.read_text())
+    settings = state.get("settings", {})
+    device = (state.get("latency_key") or {}).get("device", "?")
+    return {"batch_json": str(path.relative_to(REPO)),
+            "supernet": ((settings.get("supernet") or {}).get("sha256") or "?")[:8],
+            "budget_ms": state.get("budget_ms"), "fitness": fitness_of(settings.get("search", {})),
+            "host": "AVX-512" if "avx512f" in device else ("AVX2" if "avx2" in device else device)}
+
+
+def load_models(root: Path) -> list[dict[str, Any]]:
+    rows = []
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+        context = batch_context(directory)
+        for sidecar in sorted(directory.glob("*.json")):
+            record = json.loads(sidecar.read_text())
+            if "role" not in record or "val_top1" not in record:
+                continue
+            split = record.get("split") or []
+            rows.append({"batch": directory.name, **context, "name": record.get("name", sidecar.stem),
+                         "role": record["role"], "seed": record.get("seed"), "digest": record.get("digest"),
+                         "split": " ".join(str(h) for h in split) if split else "-",
+                         "inherited_top1": record.get("inherited_top1"), "val_top1": record["val_top1"],
+                         "epochs": record.get("epochs"), "measured_ms": record.get("measured_ms"),
+                         "file": str((directory / record.get("onnx_file", "")).relative_to(REPO))})
+    return rows
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def batch_jsons() -> list[Path]:
+    """Every tracked-or-not batch JSON of a search (it has `settings`), in name order."""
+    return sorted(p for p in EVIDENCE.glob("cifar10-*.json") if "settings" in json.loads(p.read_text()))
+
+
+def random_step_of(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The random search a batch's evolution is compared with: its own, or, for batches 5 to 7 (they changed
+    only the evolution's second stage and ran no random search), batch 4's of the same seed."""
+    if state.get("random"):
+        return state["random"], path.name
+    borrowed = re.sub(r"^cifar10-batch[567]-", "cifar10-batch4-", path.name)
+    if borrowed != path.name and (EVIDENCE / borrowed).is_file():
+        return json.loads((EVIDENCE / borrowed).read_text()).get("random"), borrowed
+    return None, ""
+
+
+def retrained(rows: list[dict[str, Any]], digest: str, epochs: int, prefer: str) -> list[dict[str, Any]]:
+    """The models of arch `digest` retrained for `epochs`, one per retraining seed: those in directory
+    `prefer` first, then any other directory's (a batch whose winner an earlier batch retrained reads it there)."""
+    found: dict[Any, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["batch"] != prefer):
+        if r["digest"] == digest and r["epochs"] == epochs and r["role"] != "ranking":
+            found.setdefault(r["seed"], r)
+    return list(found.values())
+
+
+def search_pairs(rows: list[dict[str, Any]], epochs: int = 10) -> list[dict[str, Any]]:
+    """Per batch JSON whose two winners were both retrained: each winner's retrained mean over its retraining
+    seeds and the difference evolution - random search."""
+    pairs = []
+    for path in batch_jsons():
+        state = json.loads(path.read_text())
+        random_step, random_from = random_step_of(path, state)
+        evo_winner = ((state.get("evolution") or {}).get("winner") or {})
+        rnd_winner = ((random_step or {}).get("winner") or {})
+        if not evo_winner.get("digest") or not rnd_winner.get("digest"):
+            continue
+        home = next((d for d, j in BATCH_JSON.items() if j == path.name),
+                    re.sub(r"^cifar10-batch(\d+)-", r"cifar10-b\1-", path.stem))
+        evo = retrained(rows, evo_winner["digest"], epochs, home)
+        rnd = retrained(rows, rnd_winner["digest"], epochs, home)
+        if not evo or not rnd:
+            continue
+        context = batch_context_of(path)
+        evo_mean, rnd_mean = statistics.fmean(r["val_top1"] for r in evo), statistics.fmean(r["val_top1"] for r in rnd)
+        pairs.append({**context, "batch_json": path.name, "random_search_from": random_from, "epochs": epochs,
+                      "superseded": SUPERSEDED.get(path.name),
+                      "evolution": {"digest": evo_winner["digest"], "n": len(evo), "mean": evo_mean,
+                                    "inherited_top1": evo_winner.get("top1"), "models": [r["file"] for r in evo]},
+                      "random_search": {"digest": rnd_winner["digest"], "n": len(rnd), "mean": rnd_mean,
+                                        "inherited_top1": rnd_winner.get("top1"), "models": [r["file"] for r in rnd]},
+                      "difference": evo_mean - rnd_mean})
+    return pairs
+
+
+def distinct(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pairs with each (evolution arch, random-search arch) once: two searches that picked the same two
+    archs share their retrained models, so they are one data point, not two."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for p in pairs:
+        if p["superseded"]:
+            continue
+        seen.setdefault((p["evolution"]["digest"], p["random_search"]["digest"]), p)
+    return list(seen.values())
+
+
+def pooled(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    diffs = [p["difference"] for p in pairs]
+    if not diffs:
+        return {"n": 0}
+    mean, sd = mean_sd(diffs)
+    return {"n": len(diffs), "mean": mean, "sd": sd, "se": sd / len(diffs) ** 0.5 if sd is not None else None,
+            "evolution_ahead": sum(d > 0 for d in diffs)}
+
+
+def fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    lines = ["| batch | supernet | budget | fitness | model | role | seed | global heads | digest | inherited | "
+             "retrained | epochs | published ms |", "|" + "---|" * 4 + "---|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| `{r['batch']}` | {r['supernet']} | {fmt(r['budget_ms'], 3)} | {r['fitness']} | "
+                     f"`{r['name']}` | {r['role']} | {r['seed']} | {r['split']} | `{(r['digest'] or '-')[:8]}` | "
+                     f"{fmt(r['inherited_top1'], 2, ' %')} | {fmt(r['val_top1'], 2, ' %')} | {r['epochs']} | "
+                     f"{fmt(r['measured_ms'], 3)} |")
+    lines += ["", "| search (batch JSON) | supernet | host | budget | fitness | evolution, retrained (n) | "
+              "random search, retrained (n) | evolution − random |", "|---|---|---|---:|---|---:|---:|---:|"]
+    for p in pairs:
+        e, q = p["evolution"], p["random_search"]
+        source = p["random_search_from"]
+        borrowed = "" if source == p["batch_json"] else f" (random search of {source})"
+        if p["superseded"]:
+            borrowed += " (not pooled: " + p["superseded"] + ")"
+        lines.append(f"| `{p['batch_json']}`{borrowed} | {p['supernet']} | {p['host']} | {fmt(p['budget_ms'], 3)} | "
+                     f"{p['fitness']} | `{e['digest'][:8]}` {e['mean']:.2f} % ({e['n']}) | "
+                     f"`{q['digest'][:8]}` {q['mean']:.2f} % ({q['n']}) | {p['difference']:+.2f} |")
+    for label, s in summary.items():
+        if s["n"]:
+            lines.append(f"| **{label}** | | | | | | {s['n']} distinct pairs, "
+                         f"evolution ahead in {s['evolution_ahead']} | "
+                         f"**{s['mean']:+.2f}** (sd {fmt(s['sd'])}, se {fmt(s['se'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models-root", type=Path, default=MODELS)
+    parser.add_argument("--markdown", type=Path, help="write both tables as markdown here")
+    parser.add_argument("--json-out", type=Path, help="write every row, every pair and the pooled figures here")
+    args = parser.parse_args(argv)
+    if not args.models_root.is_dir():
+        console.print(f"[red]error: no models directory at {args.models_root}")
+        return 2
+    rows = load_models(args.models_root)
+    pairs = search_pairs(rows)
+    unique = distinct(pairs)
+    summary = {"all searches": pooled(unique)}
+    for fitness in dict.fromkeys(p["fitness"] for p in unique):
+        summary[fitness] = pooled([p for p in unique if p["fitness"] == fitness])
+    for supernet in dict.fromkeys(p["supernet"] for p in unique):
+        summary[f"supernet {supernet}"] = pooled([p for p in unique if p["supernet"] == supernet])
+
+    table = Table(title=f"{len(rows)} published models")
+    for column in ("batch", "role", "seed", "global heads", "digest", "inherited", "retrained", "ep", "ms"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["batch"], r["role"], str(r["seed"]), r["split"], (r["digest"] or "-")[:8],
+                      fmt(r["inherited_top1"]), fmt(r["val_top1"]), str(r["epochs"]), fmt(r["measured_ms"], 3))
+    console.print(table)
+    versus = Table(title="evolution against random search, per search")
+    for column in ("batch JSON", "supernet", "fitness", "evolution", "random search", "difference"):
+        versus.add_column(column)
+    for p in pairs:
+        e, q = p["evolution"], p["random_search"]
+        versus.add_row(p["batch_json"], p["supernet"], p["fitness"], f"{e['mean']:.2f} ({e['n']})",
+                       f"{q['mean']:.2f} ({q['n']})", f"{p['difference']:+.2f}")
+    console.print(versus)
+    for label, s in summary.items():
+        if s["n"]:
+            console.print(f"{label}: {s['n']} distinct pairs, mean {s['mean']:+.2f} (sd {fmt(s['sd'])}, "
+                          f"se {fmt(s['se'])}), evolution ahead in {s['evolution_ahead']}")
+    if args.markdown:
+        atomic_write_text(args.markdown, markdown(rows, pairs, summary))
+    if args.json_out:
+        atomic_write_json(args.json_out, {"models": rows, "pairs": pairs, "pooled": summary})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -95,12 +95,15 @@ def load_models(root: Path) -> list[dict[str, Any]]:
             if "role" not in record or "val_top1" not in record:
                 continue
             split = record.get("split") or []
-            rows.append({"batch": directory.name, **context, "name": record.get("name", sidecar.stem),
+            file = directory / record.get("onnx_file", "")
+            # a CNN baseline was fitted to a latency, not scored on a supernet
+            searched = {} if record["role"] != "cnn" else {"supernet": "–", "fitness": "– (fitted to the latency)"}
+            rows.append({"batch": directory.name, **context, **searched, "name": record.get("name", sidecar.stem),
                          "role": record["role"], "seed": record.get("seed"), "digest": record.get("digest"),
                          "split": " ".join(str(h) for h in split) if split else "-",
                          "inherited_top1": record.get("inherited_top1"), "val_top1": record["val_top1"],
                          "epochs": record.get("epochs"), "measured_ms": record.get("measured_ms"),
-                         "file": str((directory / record.get("onnx_file", "")).relative_to(REPO))})
+                         "file": str(file.relative_to(REPO) if file.is_relative_to(REPO) else file)})
     return rows
 
 

@@ -33,10 +33,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence_retrain import REPO, arch_text, fmt, role_stats
+
 from glit_deploy.atomic_io import atomic_write_json, atomic_write_text
 
-REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "bench" / "models"
 EVIDENCE = REPO / "bench" / "evidence"
 # directories whose batch JSON is not named after them
@@ -94,25 +95,20 @@ def load_models(root: Path) -> list[dict[str, Any]]:
             record = json.loads(sidecar.read_text())
             if "role" not in record or "val_top1" not in record:
                 continue
-            split = record.get("split") or []
             file = directory / record.get("onnx_file", "")
             # a CNN baseline was fitted to a latency, not scored on a supernet
             searched = {} if record["role"] != "cnn" else {"supernet": "–", "fitness": "– (fitted to the latency)"}
             rows.append({"batch": directory.name, **context, **searched, "name": record.get("name", sidecar.stem),
                          "role": record["role"], "seed": record.get("seed"), "digest": record.get("digest"),
-                         "split": " ".join(str(h) for h in split) if split else "-",
+                         "split": arch_text(record),
                          "inherited_top1": record.get("inherited_top1"), "val_top1": record["val_top1"],
                          "epochs": record.get("epochs"), "measured_ms": record.get("measured_ms"),
                          "file": str(file.relative_to(REPO) if file.is_relative_to(REPO) else file)})
     return rows
 
 
-def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def batch_jsons() -> list[Path]:
-    """Every tracked-or-not batch JSON of a search (it has `settings`), in name order."""
+    """Every batch JSON of a search (it has `settings`), in name order."""
     return sorted(p for p in EVIDENCE.glob("cifar10-*.json") if "settings" in json.loads(p.read_text()))
 
 
@@ -148,8 +144,7 @@ def search_pairs(rows: list[dict[str, Any]], epochs: int = 10) -> list[dict[str,
         rnd_winner = ((random_step or {}).get("winner") or {})
         if not evo_winner.get("digest") or not rnd_winner.get("digest"):
             continue
-        home = next((d for d, j in BATCH_JSON.items() if j == path.name),
-                    re.sub(r"^cifar10-batch(\d+)-", r"cifar10-b\1-", path.stem))
+        home = next((r["batch"] for r in rows if r["batch_json"] == str(path.relative_to(REPO))), None)
         evo = retrained(rows, evo_winner["digest"], epochs, home)
         rnd = retrained(rows, rnd_winner["digest"], epochs, home)
         if not evo or not rnd:
@@ -181,13 +176,10 @@ def pooled(pairs: list[dict[str, Any]]) -> dict[str, Any]:
     diffs = [p["difference"] for p in pairs]
     if not diffs:
         return {"n": 0}
-    mean, sd = mean_sd(diffs)
+    stats = role_stats(diffs)
+    mean, sd = stats["mean"], stats["sd"]
     return {"n": len(diffs), "mean": mean, "sd": sd, "se": sd / len(diffs) ** 0.5 if sd is not None else None,
             "evolution_ahead": sum(d > 0 for d in diffs)}
-
-
-def fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
-    return "–" if value is None else f"{value:.{digits}f}{unit}"
 
 
 def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], summary: dict[str, Any]) -> str:

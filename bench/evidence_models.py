@@ -13,11 +13,16 @@ and prints:
   difference of their retrained means (over retraining seeds), then the mean, sd and sign count over all
   of them and per fitness and supernet (each pair of archs once: two searches that picked the same two
   archs share their retrained models). Batches 5 to 7 changed only the evolution's second stage and ran
-  no random search; they are compared with batch 4's of the same seed.
+  no random search; they are compared with batch 4's of the same seed;
+- next to each difference, the difference of the two winners' fitness (what the searches maximised: the
+  inherited top-1, or the fine-tuned top-1 where the search fine-tuned), and per group how often the
+  evolution found the higher fitness and Kendall's tau between the fitness gap and the retrained gap:
+  whether a search that wins on its fitness also wins after retraining (with --plot, as a scatter).
 
 It reads only what was published; nothing is retrained or timed.
 
-    python bench/evidence_models.py --markdown bench/evidence/models-table.md --json-out bench/evidence/models.json
+    python bench/evidence_models.py --markdown bench/evidence/models-table.md --json-out bench/evidence/models.json \
+        --plot bench/evidence/models-fitness-gap.png
 """
 
 from __future__ import annotations
@@ -34,9 +39,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_retrain import REPO, arch_text, fmt, role_stats
+from evidence_retrain import REPO, arch_text, fmt, kendall, role_stats
 
-from glit_deploy.atomic_io import atomic_write_json, atomic_write_text
+from glit_deploy.atomic_io import atomic_write, atomic_write_json, atomic_write_text
 
 MODELS = REPO / "bench" / "models"
 EVIDENCE = REPO / "bench" / "evidence"
@@ -123,6 +128,11 @@ def random_step_of(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any] | 
     return None, ""
 
 
+def fitness_score(winner: dict[str, Any]) -> float | None:
+    """The score the search ranked its winner by: the fine-tuned top-1 where it fine-tuned, else inherited top-1."""
+    return winner.get("finetuned_top1", winner.get("top1"))
+
+
 def retrained(rows: list[dict[str, Any]], digest: str, epochs: int, prefer: str) -> list[dict[str, Any]]:
     """The models of arch `digest` retrained for `epochs`, one per retraining seed: those in directory
     `prefer` first, then any other directory's (a batch whose winner an earlier batch retrained reads it there)."""
@@ -151,13 +161,18 @@ def search_pairs(rows: list[dict[str, Any]], epochs: int = 10) -> list[dict[str,
             continue
         context = batch_context_of(path)
         evo_mean, rnd_mean = statistics.fmean(r["val_top1"] for r in evo), statistics.fmean(r["val_top1"] for r in rnd)
+        evo_fitness, rnd_fitness = fitness_score(evo_winner), fitness_score(rnd_winner)
         pairs.append({**context, "batch_json": path.name, "random_search_from": random_from, "epochs": epochs,
                       "superseded": SUPERSEDED.get(path.name),
                       "evolution": {"digest": evo_winner["digest"], "n": len(evo), "mean": evo_mean,
-                                    "inherited_top1": evo_winner.get("top1"), "models": [r["file"] for r in evo]},
+                                    "inherited_top1": evo_winner.get("top1"), "fitness_top1": evo_fitness,
+                                    "models": [r["file"] for r in evo]},
                       "random_search": {"digest": rnd_winner["digest"], "n": len(rnd), "mean": rnd_mean,
-                                        "inherited_top1": rnd_winner.get("top1"), "models": [r["file"] for r in rnd]},
-                      "difference": evo_mean - rnd_mean})
+                                        "inherited_top1": rnd_winner.get("top1"), "fitness_top1": rnd_fitness,
+                                        "models": [r["file"] for r in rnd]},
+                      "difference": evo_mean - rnd_mean,
+                      "fitness_difference": None if evo_fitness is None or rnd_fitness is None
+                      else evo_fitness - rnd_fitness})
     return pairs
 
 
@@ -178,8 +193,50 @@ def pooled(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"n": 0}
     stats = role_stats(diffs)
     mean, sd = stats["mean"], stats["sd"]
+    scored = [p for p in pairs if p["fitness_difference"] is not None]
+    fitness_gaps = [p["fitness_difference"] for p in scored]
+    # does the gap the search won on its fitness carry into the retrained gap? (tau needs 3 points to mean anything)
+    carried = kendall(fitness_gaps, [p["difference"] for p in scored]) if len(scored) >= 3 else {"tau": None}
     return {"n": len(diffs), "mean": mean, "sd": sd, "se": sd / len(diffs) ** 0.5 if sd is not None else None,
-            "evolution_ahead": sum(d > 0 for d in diffs)}
+            "evolution_ahead": sum(d > 0 for d in diffs),
+            "fitness_n": len(scored), "fitness_mean": statistics.fmean(fitness_gaps) if fitness_gaps else None,
+            "evolution_ahead_on_fitness": sum(g > 0 for g in fitness_gaps),
+            "fitness_gap_vs_retrained_gap": carried}
+
+
+def plot_fitness_gap(pairs: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    """Each distinct pair a point: the fitness gap the evolution won or lost by, against the retrained gap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    scored = [p for p in pairs if p["fitness_difference"] is not None]
+    for i, fitness in enumerate(dict.fromkeys(p["fitness"] for p in scored)):
+        group = [p for p in scored if p["fitness"] == fitness]
+        ax.scatter([p["fitness_difference"] for p in group], [p["difference"] for p in group], color=f"C{i}",
+                   label=f"{fitness} ({len(group)})", zorder=3)
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.axvline(0, color="0.6", lw=0.8)
+    overall = summary["all searches"]
+    tau = overall.get("fitness_gap_vs_retrained_gap", {}).get("tau")
+    ax.set(xlabel="evolution − random search, fitness (points)", ylabel="evolution − random search, retrained (points)",
+           title=f"{overall['n']} searches: fitness gap against retrained gap, Kendall tau "
+                 + ("-" if tau is None else f"{tau:+.2f}"))
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def gap_text(s: dict[str, Any]) -> str:
+    """A group's fitness gap in words: its mean, how often evolution was ahead on it, and whether it carried."""
+    if not s.get("fitness_n"):
+        return "-"
+    tau = s["fitness_gap_vs_retrained_gap"].get("tau")
+    return (f"{s['fitness_mean']:+.2f}, ahead in {s['evolution_ahead_on_fitness']} of {s['fitness_n']}"
+            + ("" if tau is None else f"; tau with the retrained gap {tau:+.2f}"))
 
 
 def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -191,7 +248,8 @@ def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], summary: d
                      f"{fmt(r['inherited_top1'], 2, ' %')} | {fmt(r['val_top1'], 2, ' %')} | {r['epochs']} | "
                      f"{fmt(r['measured_ms'], 3)} |")
     lines += ["", "| search (batch JSON) | supernet | host | budget | fitness | evolution, retrained (n) | "
-              "random search, retrained (n) | evolution − random |", "|---|---|---|---:|---|---:|---:|---:|"]
+              "random search, retrained (n) | evolution − random | fitness gap |",
+              "|---|---|---|---:|---|---:|---:|---:|---:|"]
     for p in pairs:
         e, q = p["evolution"], p["random_search"]
         source = p["random_search_from"]
@@ -200,12 +258,13 @@ def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], summary: d
             borrowed += " (not pooled: " + p["superseded"] + ")"
         lines.append(f"| `{p['batch_json']}`{borrowed} | {p['supernet']} | {p['host']} | {fmt(p['budget_ms'], 3)} | "
                      f"{p['fitness']} | `{e['digest'][:8]}` {e['mean']:.2f} % ({e['n']}) | "
-                     f"`{q['digest'][:8]}` {q['mean']:.2f} % ({q['n']}) | {p['difference']:+.2f} |")
+                     f"`{q['digest'][:8]}` {q['mean']:.2f} % ({q['n']}) | {p['difference']:+.2f} | "
+                     f"{fmt(p['fitness_difference'], 2)} |")
     for label, s in summary.items():
         if s["n"]:
             lines.append(f"| **{label}** | | | | | | {s['n']} distinct pairs, "
                          f"evolution ahead in {s['evolution_ahead']} | "
-                         f"**{s['mean']:+.2f}** (sd {fmt(s['sd'])}, se {fmt(s['se'])}) |")
+                         f"**{s['mean']:+.2f}** (sd {fmt(s['sd'])}, se {fmt(s['se'])}) | {gap_text(s)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-root", type=Path, default=MODELS)
     parser.add_argument("--markdown", type=Path, help="write both tables as markdown here")
     parser.add_argument("--json-out", type=Path, help="write every row, every pair and the pooled figures here")
+    parser.add_argument("--plot", type=Path,
+                        help="plot each distinct pair's fitness gap against its retrained gap here")
     args = parser.parse_args(argv)
     if not args.models_root.is_dir():
         console.print(f"[red]error: no models directory at {args.models_root}")
@@ -235,21 +296,23 @@ def main(argv: list[str] | None = None) -> int:
                       fmt(r["inherited_top1"]), fmt(r["val_top1"]), str(r["epochs"]), fmt(r["measured_ms"], 3))
     console.print(table)
     versus = Table(title="evolution against random search, per search")
-    for column in ("batch JSON", "supernet", "fitness", "evolution", "random search", "difference"):
+    for column in ("batch JSON", "supernet", "fitness", "evolution", "random search", "difference", "fitness gap"):
         versus.add_column(column)
     for p in pairs:
         e, q = p["evolution"], p["random_search"]
         versus.add_row(p["batch_json"], p["supernet"], p["fitness"], f"{e['mean']:.2f} ({e['n']})",
-                       f"{q['mean']:.2f} ({q['n']})", f"{p['difference']:+.2f}")
+                       f"{q['mean']:.2f} ({q['n']})", f"{p['difference']:+.2f}", fmt(p["fitness_difference"], 2))
     console.print(versus)
     for label, s in summary.items():
         if s["n"]:
             console.print(f"{label}: {s['n']} distinct pairs, mean {s['mean']:+.2f} (sd {fmt(s['sd'])}, "
-                          f"se {fmt(s['se'])}), evolution ahead in {s['evolution_ahead']}")
+                          f"se {fmt(s['se'])}), evolution ahead in {s['evolution_ahead']}; fitness gap {gap_text(s)}")
     if args.markdown:
         atomic_write_text(args.markdown, markdown(rows, pairs, summary))
     if args.json_out:
         atomic_write_json(args.json_out, {"models": rows, "pairs": pairs, "pooled": summary})
+    if args.plot:
+        plot_fitness_gap(unique, summary, args.plot)
     return 0
 
 

@@ -19,7 +19,10 @@ and prints:
   evolution found the higher fitness and Kendall's tau between the fitness gap and the retrained gap:
   whether a search that wins on its fitness also wins after retraining (with --plot, as a scatter).
 
-It reads only what was published; nothing is retrained or timed.
+It reads only what was published; nothing is retrained. With `--remeasure SECONDS` it also times one file of
+each distinct model (its lowest retraining seed) on this host, all interleaved in one run (ort-cpu, one thread,
+batch 1), with each one's ratio to batch 1's evolution winner: the sidecars' `measured_ms` were taken on the
+hosts and at the loads of the sessions that published them, so only these ratios compare files at equal latency.
 
     python bench/evidence_models.py --markdown bench/evidence/models-table.md --json-out bench/evidence/models.json \
         --plot bench/evidence/models-fitness-gap.png
@@ -39,7 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_retrain import REPO, arch_text, fmt, kendall, role_stats
+from evidence_retrain import REPO, arch_text, fmt, kendall, role_stats, time_files
 
 from glit_deploy.atomic_io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -239,14 +242,42 @@ def gap_text(s: dict[str, Any]) -> str:
             + ("" if tau is None else f"; tau with the retrained gap {tau:+.2f}"))
 
 
+def model_key(row: dict[str, Any]) -> str:
+    """What makes two published files the same model but for the retraining seed: the arch, or the CNN's name."""
+    return row["digest"] or f"{row['batch']}/{row['name'].rsplit('-s', 1)[0]}"
+
+
+REFERENCE = ("cifar10", "evolution")  # the ratios' 1.00x: batch 1's evolution winner
+
+
+def remeasure_models(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """One file per distinct model (its lowest seed, the ranking set's 5-epoch files left out: their archs
+    are timed by the latency table's measurements, not compared here), timed interleaved; each row gets its
+    model's ratio."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: (r["seed"] or 0, r["batch"])):
+        if r["role"] != "ranking":
+            chosen.setdefault(model_key(r), r)
+    reference = next(k for k, r in chosen.items() if (r["batch"], r["role"]) == REFERENCE)
+    timing = time_files({k: REPO / r["file"] for k, r in chosen.items()}, seconds, reference)
+    for r in rows:
+        here = timing["models"].get(model_key(r))
+        r["interleaved_ratio"] = None if here is None else here["ratio"]
+        r["interleaved_ms"] = None if here is None else here["median_ms"]
+    return timing
+
+
 def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    timed = any("interleaved_ratio" in r for r in rows)
     lines = ["| batch | supernet | budget | fitness | model | role | seed | global heads | digest | inherited | "
-             "retrained | epochs | published ms |", "|" + "---|" * 4 + "---|---|---:|---|---|---:|---:|---:|---:|"]
+             "retrained | epochs | published ms |" + (" interleaved, vs batch 1's evolution |" if timed else ""),
+             "|" + "---|" * 4 + "---|---|---:|---|---|---:|---:|---:|---:|" + ("---:|" if timed else "")]
     for r in rows:
         lines.append(f"| `{r['batch']}` | {r['supernet']} | {fmt(r['budget_ms'], 3)} | {r['fitness']} | "
                      f"`{r['name']}` | {r['role']} | {r['seed']} | {r['split']} | `{(r['digest'] or '-')[:8]}` | "
                      f"{fmt(r['inherited_top1'], 2, ' %')} | {fmt(r['val_top1'], 2, ' %')} | {r['epochs']} | "
-                     f"{fmt(r['measured_ms'], 3)} |")
+                     f"{fmt(r['measured_ms'], 3)} |"
+                     + (f" {fmt(r.get('interleaved_ratio'), 2, 'x')} |" if timed else ""))
     lines += ["", "| search (batch JSON) | supernet | host | budget | fitness | evolution, retrained (n) | "
               "random search, retrained (n) | evolution − random | fitness gap |",
               "|---|---|---|---:|---|---:|---:|---:|---:|"]
@@ -273,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-root", type=Path, default=MODELS)
     parser.add_argument("--markdown", type=Path, help="write both tables as markdown here")
     parser.add_argument("--json-out", type=Path, help="write every row, every pair and the pooled figures here")
+    parser.add_argument("--remeasure", type=float, metavar="SECONDS",
+                        help="time one file of each distinct model here, interleaved, at least SECONDS")
     parser.add_argument("--plot", type=Path,
                         help="plot each distinct pair's fitness gap against its retrained gap here")
     args = parser.parse_args(argv)
@@ -280,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error: no models directory at {args.models_root}")
         return 2
     rows = load_models(args.models_root)
+    timing = remeasure_models(rows, args.remeasure) if args.remeasure else None
     pairs = search_pairs(rows)
     unique = distinct(pairs)
     summary = {"all searches": pooled(unique)}
@@ -289,11 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"supernet {supernet}"] = pooled([p for p in unique if p["supernet"] == supernet])
 
     table = Table(title=f"{len(rows)} published models")
-    for column in ("batch", "role", "seed", "global heads", "digest", "inherited", "retrained", "ep", "ms"):
+    for column in ("batch", "role", "seed", "global heads", "digest", "inherited", "retrained", "ep", "ms",
+                   *(("here", "ratio") if timing else ())):
         table.add_column(column)
     for r in rows:
+        here = (fmt(r.get("interleaved_ms"), 3), fmt(r.get("interleaved_ratio"), 2, "x")) if timing else ()
         table.add_row(r["batch"], r["role"], str(r["seed"]), r["split"], (r["digest"] or "-")[:8],
-                      fmt(r["inherited_top1"]), fmt(r["val_top1"]), str(r["epochs"]), fmt(r["measured_ms"], 3))
+                      fmt(r["inherited_top1"]), fmt(r["val_top1"]), str(r["epochs"]), fmt(r["measured_ms"], 3), *here)
     console.print(table)
     versus = Table(title="evolution against random search, per search")
     for column in ("batch JSON", "supernet", "fitness", "evolution", "random search", "difference", "fitness gap"):
@@ -310,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         atomic_write_text(args.markdown, markdown(rows, pairs, summary))
     if args.json_out:
-        atomic_write_json(args.json_out, {"models": rows, "pairs": pairs, "pooled": summary})
+        atomic_write_json(args.json_out, {"models": rows, "pairs": pairs, "pooled": summary, "remeasured": timing})
+    if timing:
+        console.print(f"timed here: {timing['host']}, load average {timing['load_before']:.1f} -> "
+                      f"{timing['load_after']:.1f}, {len(timing['models'])} files interleaved in one run")
     if args.plot:
         plot_fitness_gap(unique, summary, args.plot)
     return 0

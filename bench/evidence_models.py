@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"all searches": pooled(unique)}
     for fitness in dict.fromkeys(p["fitness"] for p in unique):
         summary[fitness] = pooled([p for p in unique if p["fitness"] == fitness])
+    # the fine-tune variants differ only in which candidates reach the second stage: one group as well
+    fine_tuned = [p for p in unique if p["fitness"].startswith("fine-tune")]
+    summary["fine-tune second stage, every variant"] = pooled(fine_tuned)
     for supernet in dict.fromkeys(p["supernet"] for p in unique):
         summary[f"supernet {supernet}"] = pooled([p for p in unique if p["supernet"] == supernet])
 
